@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# SPPO over N iterations: generate -> rank -> train, iteration t+1 sampling from and referencing iteration t's model.
+#
+#   ./pipeline.sh --model M --prompts P --iter N --output-dir D [--ranker R] [--num-samples K]
+#                 [--generate-args "..."] [--rank-args "..."] [--train-args "..."]
+#
+# Layout: D/iter1/{generations,rankings,model}, D/iter2/..., one directory per iteration and stage.
+# A stage whose directory holds a finished manifest.json is skipped, so re-running the same command after a
+# crash resumes at the first unfinished stage.
+set -euo pipefail
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "pipeline.sh: error: $*" >&2; exit 2; }
+
+model="" prompts="" iterations="" output_dir="" ranker="llm-blender/PairRM" num_samples=5
+generate_args="" rank_args="" train_args=""
+while [[ $# -gt 0 ]]; do
+  [[ $1 == --help || $1 == -h ]] && usage
+  [[ $# -ge 2 ]] || die "$1 needs a value"
+  case $1 in
+    --model) model=$2 ;;
+    --prompts) prompts=$2 ;;
+    --iter) iterations=$2 ;;
+    --output-dir) output_dir=$2 ;;
+    --ranker) ranker=$2 ;;
+    --num-samples) num_samples=$2 ;;
+    --generate-args) generate_args=$2 ;;
+    --rank-args) rank_args=$2 ;;
+    --train-args) train_args=$2 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+  shift 2
+done
+[[ -n $model && -n $prompts && -n $iterations && -n $output_dir ]] ||
+  die "--model, --prompts, --iter and --output-dir are required (see --help)"
+[[ $iterations =~ ^[1-9][0-9]*$ ]] || die "--iter must be a positive integer, got '$iterations'"
+sppo=${SPPO:-sppo}
+command -v "$sppo" > /dev/null || die "'$sppo' not found: install the package (make install) or set SPPO"
+
+finished() { [[ -f $1/manifest.json ]]; }
+stage() {  # stage NAME OUTPUT COMMAND...
+  local name=$1 output=$2; shift 2
+  if finished "$output"; then
+    echo "== $name: $output is finished, skipping"
+  else
+    echo "== $name -> $output"
+    "$@"
+  fi
+}
+
+policy=$model
+for ((t = 1; t <= iterations; t++)); do
+  dir=$output_dir/iter$t
+  echo "=== iteration $t/$iterations: policy $policy"
+  # shellcheck disable=SC2086 # the *_args options are word-split on purpose
+  stage generate "$dir/generations" \
+    "$sppo" generate --model "$policy" --prompts "$prompts" --output "$dir/generations" \
+    --num-samples "$num_samples" $generate_args
+  # shellcheck disable=SC2086
+  stage rank "$dir/rankings" \
+    "$sppo" rank --generations "$dir/generations" --output "$dir/rankings" --ranker "$ranker" $rank_args
+  # shellcheck disable=SC2086
+  stage train "$dir/model" \
+    "$sppo" train --model "$policy" --data "$dir/rankings" --output "$dir/model" $train_args
+  policy=$dir/model
+done
+echo "=== done: final model $policy"

@@ -1,0 +1,172 @@
+"""The `sppo` command: parses options and calls the stage functions; no logic of its own."""
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sppo_cli.errors import SppoError
+
+app = typer.Typer(
+    help="Self-Play Preference Optimization: generate → rank → train, one iteration at a time.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (must not exist).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace --output if it exists.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="Policy to sample from: a model directory or hub id.")],
+    prompts: Annotated[str, typer.Option(help="save_to_disk directory, .json/.jsonl/.parquet file, or hub id.")],
+    output: Output,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-k", help="Responses per prompt (K >= 2).")] = 5,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    max_new_tokens: int = 512,
+    seed: Seed = 42,
+    backend: Annotated[str, typer.Option(help="transformers, vllm or auto.")] = "transformers",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch (transformers backend).")] = 8,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    split: str = "train",
+    prompt_column: str = "prompt",
+    overwrite: Overwrite = False,
+):
+    """Sample K responses per prompt from the policy."""
+    from sppo_cli import data
+    from sppo_cli.generate import SamplingConfig, generate, make_backend
+
+    sampling = SamplingConfig(num_samples, temperature, top_p, max_new_tokens, seed)
+    prompt_data = data.load_prompts(prompts, split, prompt_column, limit)
+    data.require_new_output(output, overwrite)
+    engine = make_backend(backend, model, dtype=dtype, batch_size=batch_size)
+    generations, stats = generate(prompt_data, engine, sampling)
+    parameters = {**asdict(sampling), "backend": backend, "dtype": dtype}
+    data.save_stage(generations, output, "generate", {"model": model, "prompts": prompts}, parameters, **stats)
+    _done(output, f"{stats['prompts']} prompts, {stats['samples']} samples, {stats['seconds']:.1f} s")
+
+
+@app.command()
+def rank(
+    generations: Annotated[str, typer.Option(help="Output directory of `sppo generate`.")],
+    output: Output,
+    ranker: Annotated[str, typer.Option(help="PairRM checkpoint (directory or hub id) or python:module:function.")],
+    probability_mode: Annotated[str, typer.Option(help="scores (published) or pairwise.")] = "scores",
+    batch_size: Annotated[int, typer.Option(help="Response pairs per forward pass.")] = 32,
+    overwrite: Overwrite = False,
+):
+    """Judge the K responses of each prompt; write win rates and chosen/rejected pairs."""
+    from sppo_cli import data
+    from sppo_cli.rank import rank as rank_generations
+    from sppo_cli.rankers import load_ranker
+
+    generation_data = data.validate_generations(data.load_stage(generations, "generate")[0], generations)
+    data.require_new_output(output, overwrite)
+    judge = load_ranker(ranker, probability_mode, batch_size)
+    rankings, stats = rank_generations(generation_data, judge)
+    parameters = {"ranker": ranker, "probability_mode": probability_mode}
+    data.save_stage(rankings, output, "rank", {"generations": generations}, parameters, **stats)
+    _done(output, f"{stats['pairs']} pairs, {stats['tied_prompts']} prompts with tied responses")
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Policy to train; also the frozen reference.")],
+    data: Annotated[str, typer.Option(help="Output directory of `sppo rank` (or a dataset in SPPO format).")],
+    output: Output,
+    loss: Annotated[str, typer.Option(help="sppo, sppo_single or sppo_hard.")] = "sppo",
+    beta: Annotated[float, typer.Option(help="1/eta of the SPPO loss.")] = 0.001,
+    learning_rate: float = 5e-7,
+    epochs: float = 1.0,
+    per_device_batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    max_length: int = 1024,
+    gradient_checkpointing: bool = True,
+    report_to: Annotated[str, typer.Option(help="tensorboard, wandb, none, or a comma-separated list.")] = "tensorboard",
+    seed: Seed = 42,
+    overwrite: Overwrite = False,
+):
+    """Train the policy on the rankings with the SPPO loss."""
+    from sppo_cli.data import require_new_output
+    from sppo_cli.train import SPPOConfig, train as train_policy
+
+    config = SPPOConfig(
+        output_dir=str(output),
+        loss_type=[loss],
+        beta=beta,
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_length=max_length,
+        gradient_checkpointing=gradient_checkpointing,
+        report_to=report_to.split(","),
+        seed=seed,
+    )
+    require_new_output(output, overwrite)
+    manifest = train_policy(model, data, output, config)
+    _done(output, f"{manifest['steps']} steps, final train loss {manifest['train_loss']:.4g}")
+
+
+@app.command("tiny-model")
+def tiny_model(
+    output: Annotated[Path, typer.Argument(help="Directory to write.")], seed: Seed = 0, overwrite: Overwrite = False
+):
+    """Build a tiny random Llama with its own tokenizer and chat template (offline)."""
+    from sppo_cli.data import build_artifact
+    from sppo_cli.tiny import build_tiny_model
+
+    build_artifact(output, "tiny-model", lambda directory: build_tiny_model(directory, seed), {"seed": seed}, overwrite)
+    _done(output, "tiny causal LM")
+
+
+@app.command("tiny-pairrm")
+def tiny_pairrm(
+    output: Annotated[Path, typer.Argument(help="Directory to write.")], seed: Seed = 0, overwrite: Overwrite = False
+):
+    """Build a tiny random PairRM checkpoint (PairRM-hf layout, offline)."""
+    from sppo_cli.data import build_artifact
+    from sppo_cli.pairrm import build_tiny_pairrm
+
+    build_artifact(output, "tiny-pairrm", lambda directory: build_tiny_pairrm(directory, seed), {"seed": seed}, overwrite)
+    _done(output, "tiny PairRM")
+
+
+def _done(output: Path, summary: str) -> None:
+    console.print(f"[green]✓[/green] {output}: {summary}")
+
+
+def main() -> None:
+    try:
+        app()
+    except SppoError as error:
+        console.print(f"[red]sppo: error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[red]sppo: interrupted[/red]")
+        sys.exit(130)
+    except Exception as error:  # a bug or an unexpected library failure: one line, the traceback on request
+        if os.environ.get("SPPO_DEBUG"):
+            raise
+        lines = str(error).strip().splitlines()
+        message = lines[0] if lines else ""
+        console.print(
+            f"[red]sppo: error:[/red] {type(error).__name__}: {message} (set SPPO_DEBUG=1 for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The datasets the stages exchange: column names, validation, and atomic save/load with a manifest.
+
+Data flows one way: prompts → generations (`sppo generate`) → rankings (`sppo rank`) → model (`sppo train`).
+Every output directory is written under `<name>.partial` and renamed into place only after its
+`manifest.json` is written, so a directory with a manifest is a finished output and nothing else is.
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from sppo_cli import __version__
+from sppo_cli.errors import SppoError
+
+# Prompts
+PROMPT = "prompt"
+# Generations: the prompt, the exact chat-formatted text that was sampled from, and the K responses
+PROMPT_TEXT = "prompt_text"
+RESPONSES = "responses"
+# Rankings: the published SPPO training format ...
+CHOSEN = "chosen"
+REJECTED = "rejected"
+CHOSEN_PROBS = "chosen_probs"
+CHOSEN_PROBS_WIN = "chosen_probs_win"
+CHOSEN_PROBS_LOSE = "chosen_probs_lose"
+WIN_RATE_COLUMNS = (CHOSEN_PROBS, CHOSEN_PROBS_WIN, CHOSEN_PROBS_LOSE)
+# ... plus what the ranking was made from
+SCORES = "scores"
+PROBABILITY = "probability"
+
+MANIFEST = "manifest.json"
+PARTIAL_SUFFIX = ".partial"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def read_dataset(source: str, split: str = "train") -> Dataset:
+    """Read a save_to_disk directory, a json/jsonl/parquet file, or a hub dataset id."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / MANIFEST).exists():
+            return load_stage(path)[0]
+        if path.name.endswith(PARTIAL_SUFFIX):
+            raise SppoError(f"{source} is the unfinished output of an interrupted run, not a dataset")
+        data = _read(lambda: datasets.load_from_disk(str(path)), source)
+    elif path.is_file():
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+        if builder is None:
+            raise SppoError(f"{source}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")
+        data = _read(lambda: datasets.load_dataset(builder, data_files=str(path), split="train"), source)
+    elif _HUB_ID.match(source) and not source.startswith("."):
+        data = _read(lambda: datasets.load_dataset(source, split=split), source)
+    else:
+        raise SppoError(f"{source}: no such file or directory")
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise SppoError(f"{source} has no split {split!r} (it has: {', '.join(data)})")
+        data = data[split]
+    return data
+
+
+def _read(load, source: str) -> Dataset | DatasetDict:
+    try:
+        return load()
+    except Exception as error:  # datasets raises many types; the user needs to know which input failed and why
+        raise SppoError(f"cannot read {source}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def load_prompts(source: str, split: str = "train", prompt_column: str = PROMPT, limit: int | None = None) -> Dataset:
+    """Prompts for `sppo generate`: column `prompt` (renamed from `prompt_column`), every other column kept."""
+    data = read_dataset(source, split)
+    if prompt_column != PROMPT:
+        if prompt_column in data.column_names and PROMPT in data.column_names:
+            data = data.remove_columns(PROMPT)
+        data = _require_columns(data, [prompt_column], source).rename_column(prompt_column, PROMPT)
+    data = _require_columns(data, [PROMPT], source)
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    _require_rows(data, source)
+    for index, prompt in enumerate(data[PROMPT]):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SppoError(f"{source}: row {index} has an empty or non-text prompt: {prompt!r}")
+    return data
+
+
+def validate_generations(data: Dataset, source: str) -> Dataset:
+    _require_columns(data, [PROMPT, PROMPT_TEXT, RESPONSES], source)
+    _require_rows(data, source)
+    for index, responses in enumerate(data[RESPONSES]):
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise SppoError(f"{source}: row {index}: `{RESPONSES}` must be a list of strings")
+        if len(responses) < 2:
+            raise SppoError(f"{source}: row {index} has {len(responses)} response(s); ranking needs K >= 2")
+    return data
+
+
+def validate_rankings(data: Dataset, source: str) -> Dataset:
+    _require_columns(data, [CHOSEN, REJECTED, *WIN_RATE_COLUMNS], source)
+    _require_rows(data, source)
+    for index, row in enumerate(data.select_columns([CHOSEN, REJECTED, *WIN_RATE_COLUMNS])):
+        for column in (CHOSEN, REJECTED):
+            if not _is_conversation(row[column]):
+                raise SppoError(
+                    f"{source}: row {index}: `{column}` must be a list of messages ending with the assistant's"
+                )
+        if row[CHOSEN][:-1] != row[REJECTED][:-1]:
+            raise SppoError(f"{source}: row {index}: `{CHOSEN}` and `{REJECTED}` answer different prompts")
+        for column in WIN_RATE_COLUMNS:
+            value = row[column]
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0 or math.isnan(value):
+                raise SppoError(f"{source}: row {index}: `{column}` must be a probability in [0, 1], got {value!r}")
+    return data
+
+
+def _is_conversation(messages: Any) -> bool:
+    return (
+        isinstance(messages, list)
+        and len(messages) >= 2
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+        and messages[-1].get("role") == "assistant"
+    )
+
+
+def _require_columns(data: Dataset, columns: list[str], source: str) -> Dataset:
+    missing = [c for c in columns if c not in data.column_names]
+    if missing:
+        raise SppoError(
+            f"{source} is missing column(s) {', '.join(map(repr, missing))} (it has: {', '.join(data.column_names)})"
+        )
+    return data
+
+
+def _require_rows(data: Dataset, source: str) -> None:
+    if len(data) == 0:
+        raise SppoError(f"{source} has no rows")
+
+
+# ---- stage outputs -------------------------------------------------------------------------------------------------
+
+
+def load_stage(path: str | Path, stage: str | None = None) -> tuple[Dataset, dict]:
+    """Load a finished stage output; a directory without a finished manifest is refused."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if stage is not None and manifest["stage"] != stage:
+        raise SppoError(f"{path} is the output of `sppo {manifest['stage']}`, expected `sppo {stage}`")
+    return _read(lambda: datasets.load_from_disk(str(path)), str(path)), manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SppoError(f"{path}: no such file or directory")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise SppoError(f"{path} has no {MANIFEST}: it is not a finished sppo output (interrupted run?)") from None
+    except json.JSONDecodeError as error:
+        raise SppoError(f"{path / MANIFEST} is not valid JSON: {error}") from None
+    if not manifest.get("complete") or "stage" not in manifest:
+        raise SppoError(f"{path / MANIFEST} does not describe a finished sppo output")
+    return manifest
+
+
+def require_new_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Fail before any work is done if the output exists and may not be replaced."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SppoError(f"{path} already exists; choose another --output or pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise SppoError(f"{path} exists and is not a directory")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, keep_partial: bool = False) -> Iterator[Path]:
+    """Yield `<path>.partial` to write into; on success it replaces `path`.
+
+    The caller writes the manifest last (`write_manifest`). On failure the partial directory is removed, unless
+    `keep_partial` (a stage that can resume from it, such as training checkpoints) asks to keep it.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if partial.exists() and not keep_partial:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+        if not (partial / MANIFEST).exists():
+            raise RuntimeError(f"internal error: {partial} was finished without a manifest")
+    except BaseException:
+        if not keep_partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    previous = path.with_name(path.name + ".replaced")
+    if path.exists():
+        os.replace(path, previous)
+    os.replace(partial, path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_manifest(directory: Path, stage: str, inputs: dict, parameters: dict, **stats: Any) -> dict:
+    manifest = {
+        "stage": stage,
+        "sppo_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {name: _absolute_if_local(source) for name, source in inputs.items()},
+        "parameters": parameters,
+        **stats,
+        "complete": True,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _absolute_if_local(source: str) -> str:
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
+def build_artifact(path: str | Path, stage: str, build, parameters: dict, overwrite: bool = False) -> dict:
+    """Run `build(directory)` into a fresh output directory, atomically, with a manifest."""
+    require_new_output(path, overwrite)
+    with atomic_output(path) as partial:
+        build(partial)
+        return write_manifest(partial, stage, inputs={}, parameters=parameters)
+
+
+def save_stage(data: Dataset, path: str | Path, stage: str, inputs: dict, parameters: dict, **stats: Any) -> dict:
+    """Save a dataset stage output atomically, with its manifest."""
+    with atomic_output(path) as partial:
+        data.save_to_disk(str(partial))
+        return write_manifest(partial, stage, inputs, parameters, rows=len(data), **stats)

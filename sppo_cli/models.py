@@ -1,0 +1,66 @@
+"""Loading policies and their tokenizers from a local directory or a hub id, with errors a user can act on."""
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sppo_cli.errors import SppoError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model(name: str) -> str:
+    """A local directory, or a hub id; a path-like name that does not exist is an error, never a hub lookup."""
+    if Path(name).is_dir():
+        return name
+    if Path(name).exists() or not _HUB_ID.match(name) or name.startswith("."):
+        raise SppoError(f"model not found: {name} (expected a model directory or a hub id)")
+    return name
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    name = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # OSError, ValueError, hub errors: all mean "this is not a loadable tokenizer"
+        raise SppoError(f"cannot load the tokenizer of {name}: {str(error).strip().splitlines()[0]}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: str = "auto", device: str | None = None) -> PreTrainedModel:
+    name = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype))
+    except Exception as error:
+        raise SppoError(f"cannot load the model {name}: {str(error).strip().splitlines()[0]}") from error
+    return model.to(device or default_device())
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SppoError(f"unknown dtype {name!r} (use auto, float32, bfloat16 or float16)")
+    return dtype
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The exact text the policy is sampled from: the prompt as a user turn, rendered by the model's template."""
+    if not tokenizer.chat_template:
+        raise SppoError(f"the tokenizer of {tokenizer.name_or_path} has no chat template")
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a rendered template: the template writes BOS itself, so special tokens are not added again."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,110 @@
+import math
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from sppo_cli.errors import SppoError
+from sppo_cli.rank import preference_matrix, rank, ranking_row, win_rates
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_scores_give_the_published_probabilities_and_pair():
+    scores = [0.3, -1.2, 2.0, 0.3]
+    row = ranking_row("p", ["a", "b", "c", "d"], scores)
+    expected = [[0.5 if i == j else sigmoid(si - sj) for j, sj in enumerate(scores)] for i, si in enumerate(scores)]
+    np.testing.assert_allclose(row["probability"], expected, rtol=0, atol=1e-15)
+    # winner = argmax score (c, index 2), loser = argmin score (b, index 1)
+    assert row["chosen"] == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
+    assert row["rejected"] == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]
+    assert row["chosen_probs"] == pytest.approx(sigmoid(2.0 - (-1.2)), abs=1e-15)
+    # the row means include the 1/2 diagonal
+    assert row["chosen_probs_win"] == pytest.approx(sum(expected[2]) / 4, abs=1e-15)
+    assert row["chosen_probs_lose"] == pytest.approx(sum(expected[1]) / 4, abs=1e-15)
+    assert row["scores"] == scores
+
+
+def test_hand_computed_two_responses():
+    row = ranking_row("p", ["x", "y"], [0.0, math.log(3.0)])  # sigmoid(log 3) = 3/4
+    assert row["chosen_probs"] == pytest.approx(0.75)
+    assert row["chosen_probs_win"] == pytest.approx((0.5 + 0.75) / 2)
+    assert row["chosen_probs_lose"] == pytest.approx((0.25 + 0.5) / 2)
+
+
+def test_an_intransitive_matrix_keeps_its_win_rates():
+    # rock-paper-scissors plus a response that loses to everything
+    p = np.array(
+        [
+            [0.5, 0.9, 0.1, 0.8],
+            [0.1, 0.5, 0.9, 0.8],
+            [0.9, 0.1, 0.5, 0.8],
+            [0.2, 0.2, 0.2, 0.5],
+        ]
+    )
+    row = ranking_row("p", ["rock", "paper", "scissors", "nothing"], p)
+    np.testing.assert_allclose(row["probability"], p)
+    assert row["chosen"][-1]["content"] == "rock"  # first of the three equal win rates, like np.argmax
+    assert row["rejected"][-1]["content"] == "nothing"
+    assert row["chosen_probs"] == pytest.approx(0.8)
+    assert row["chosen_probs_win"] == pytest.approx(2.3 / 4)
+    assert row["chosen_probs_lose"] == pytest.approx(1.1 / 4)
+    assert row["scores"] == pytest.approx(win_rates(p).tolist())
+
+
+def test_matrix_diagonal_is_one_half_whatever_the_ranker_says():
+    matrix, scores = preference_matrix([[1.0, 0.7], [0.3, 0.0]], 2)
+    assert scores is None
+    assert matrix.tolist() == [[0.5, 0.7], [0.3, 0.5]]
+
+
+def test_all_tied_responses_yield_no_pair():
+    assert ranking_row("p", ["a", "b", "c"], [1.0, 1.0, 1.0]) is None
+    assert ranking_row("p", ["a", "b"], [[0.5, 0.5], [0.5, 0.5]]) is None
+
+
+@pytest.mark.parametrize(
+    "judgement, message",
+    [
+        ([1.0, 2.0], "shape (2,) for 3 responses"),
+        ([[0.5] * 3] * 2, "shape (2, 3) for 3 responses"),
+        ([1.0, float("nan"), 0.0], "non-finite"),
+        ([[0.5, 1.5, 0.0], [0.0, 0.5, 0.0], [1.0, 1.0, 0.5]], "outside [0, 1]"),
+    ],
+)
+def test_bad_judgements_are_named(judgement, message):
+    with pytest.raises(SppoError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        ranking_row("p", ["a", "b", "c"], judgement)
+
+
+class LengthRanker:
+    def judge(self, batch):
+        return [[float(len(r)) for r in responses] for responses in batch["responses"]]
+
+    def stats(self):
+        return {"calls": 1}
+
+
+def test_rank_keeps_columns_counts_ties_and_handles_any_k():
+    generations = Dataset.from_list(
+        [
+            {"prompt": "a", "prompt_text": "A", "responses": ["x", "xxx"], "answer": "1"},
+            {"prompt": "b", "prompt_text": "B", "responses": ["yy", "yy", "yy"], "answer": "2"},
+            {"prompt": "c", "prompt_text": "C", "responses": ["z", "zzzz", "zz", "zzz", "zzzzz"], "answer": "3"},
+        ]
+    )
+    rankings, stats = rank(generations, LengthRanker(), batch_size=2)
+    assert stats == {"prompts": 3, "pairs": 2, "tied_prompts": 1, "calls": 1}
+    assert rankings["prompt"] == ["a", "c"]
+    assert rankings["answer"] == ["1", "3"]
+    assert [len(p) for p in rankings["probability"]] == [2, 5]
+    assert rankings[1]["chosen"][-1]["content"] == "zzzzz"
+    assert rankings[1]["rejected"][-1]["content"] == "z"
+
+
+def test_rank_refuses_when_everything_ties():
+    generations = Dataset.from_list([{"prompt": "a", "prompt_text": "A", "responses": ["x", "x"]}])
+    with pytest.raises(SppoError, match="all 1 prompts had tied responses"):
+        rank(generations, LengthRanker())
