@@ -31,7 +31,7 @@ RESPONSES_K4 = [
     ["Option one is cheaper.", "Both are fine.", LONG_POEM, "Option two is faster, option one is simpler."],
 ]
 NUM_LONG_RESPONSES = 4
-SMALL_LENGTHS = dict(source_max_length=16, candidate_max_length=12)
+SMALL_LENGTHS = dict(source_max_length=24, candidate_max_length=32)  # truncates LONG_PROMPT and the four long responses
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_pairwise_probabilities_match_llm_blender_compare(hf_dir, blender):
 
 def test_scores_and_probabilities_on_a_known_matrix():
     L = np.array([[0.0, 2.0, 1.0], [-1.0, 0.0, 0.5], [3.0, -2.0, 0.0]])
-    np.testing.assert_allclose(scores_from_logits(L), [(3 - 2) / 3, (1.5 + 0) / 3, (1 - 1.5) / 3])
+    np.testing.assert_allclose(scores_from_logits(L), [(3 - 2) / 3, (-3 + 2.5) / 3, (2 - 2.5) / 3])
     np.testing.assert_allclose(pairwise_probabilities(L)[0, 1], 1 / (1 + np.exp(-3.0)))
     np.testing.assert_allclose(pairwise_probabilities(np.array([[0.0, 1e4], [-1e4, 0.0]])), [[0.5, 1.0], [0.0, 0.5]])
 

@@ -1,0 +1,143 @@
+import json
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from sppo_cli import data
+from sppo_cli.errors import SppoError
+
+from conftest import write_jsonl
+
+
+def test_prompts_from_every_source_kind(tmp_path):
+    rows = [{"question": "a?", "answer": "1"}, {"question": "b?", "answer": "2"}]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
+    DatasetDict({"test": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
+    for source, split in [("p.jsonl", "train"), ("p.json", "train"), ("p.parquet", "train"), ("disk", "train"),
+                          ("dict", "test")]:
+        prompts = data.load_prompts(str(tmp_path / source), split=split, prompt_column="question")
+        assert prompts["prompt"] == ["a?", "b?"] and prompts["answer"] == ["1", "2"], source
+
+
+def test_limit_and_prompt_column(tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "q": f"q{i}"} for i in range(5)])
+    prompts = data.load_prompts(str(tmp_path / "p.jsonl"), prompt_column="q", limit=2)
+    assert prompts.column_names == ["prompt"] and prompts["prompt"] == ["q0", "q1"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: write_jsonl(d / "p.jsonl", [{"text": "a"}]), r"missing column\(s\) 'prompt' \(it has: text\)"),
+        (lambda d: (d / "p.jsonl").write_text(""), "cannot read|has no rows"),
+        (lambda d: write_jsonl(d / "p.jsonl", [{"prompt": "  "}]), "row 0 has an empty or non-text prompt"),
+        (lambda d: (d / "p.jsonl").write_text("{not json\n"), "cannot read"),
+        (lambda d: (d / "p.csv").write_text("prompt\na\n"), "unsupported file type '.csv'"),
+    ],
+)
+def test_bad_prompts_are_named(tmp_path, make, message):
+    make(tmp_path)
+    source = next(tmp_path.iterdir())
+    with pytest.raises(SppoError, match=message):
+        data.load_prompts(str(source))
+
+
+def test_missing_local_path_is_never_a_hub_lookup(tmp_path):
+    with pytest.raises(SppoError, match="no such file or directory"):
+        data.load_prompts(str(tmp_path / "nope"))
+    with pytest.raises(SppoError, match="no such file or directory"):
+        data.load_prompts("./relative/nope")
+
+
+def test_unknown_split(tmp_path):
+    DatasetDict({"train": Dataset.from_list([{"prompt": "a"}])}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(SppoError, match="has no split 'test'"):
+        data.load_prompts(str(tmp_path / "d"), split="test")
+
+
+def test_generations_validation():
+    good = Dataset.from_list([{"prompt": "a", "prompt_text": "A", "responses": ["x", "y"]}])
+    assert data.validate_generations(good, "g") is good
+    one = Dataset.from_list([{"prompt": "a", "prompt_text": "A", "responses": ["x"]}])
+    with pytest.raises(SppoError, match="row 0 has 1 response\\(s\\); ranking needs K >= 2"):
+        data.validate_generations(one, "g")
+    with pytest.raises(SppoError, match="missing column\\(s\\) 'prompt_text', 'responses'"):
+        data.validate_generations(Dataset.from_list([{"prompt": "a"}]), "g")
+
+
+def test_rankings_validation():
+    def row(**changes):
+        base = {
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}],
+            "chosen_probs": 0.7, "chosen_probs_win": 0.6, "chosen_probs_lose": 0.4,
+        }
+        return Dataset.from_list([{**base, **changes}])
+
+    data.validate_rankings(row(), "r")
+    with pytest.raises(SppoError, match="`chosen_probs_win` must be a probability in \\[0, 1\\], got 1.5"):
+        data.validate_rankings(row(chosen_probs_win=1.5), "r")
+    with pytest.raises(SppoError, match="answer different prompts"):
+        data.validate_rankings(
+            row(rejected=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]), "r"
+        )
+    with pytest.raises(SppoError, match="must be a list of messages ending with the assistant's"):
+        data.validate_rankings(row(chosen=[{"role": "user", "content": "p"}, {"role": "user", "content": "a"}]), "r")
+
+
+def test_stage_round_trip_with_manifest(tmp_path):
+    generations = Dataset.from_list([{"prompt": "a", "prompt_text": "A", "responses": ["x", "y"]}])
+    manifest = data.save_stage(generations, tmp_path / "g", "generate", {"prompts": str(tmp_path)}, {"k": 2},
+                               prompts=1)
+    loaded, read = data.load_stage(tmp_path / "g", "generate")
+    assert loaded.to_list() == generations.to_list()
+    assert read == manifest
+    assert read["complete"] and read["rows"] == 1 and read["prompts"] == 1 and read["parameters"] == {"k": 2}
+    assert read["inputs"]["prompts"] == str(tmp_path.resolve())
+    with pytest.raises(SppoError, match="is the output of `sppo generate`, expected `sppo rank`"):
+        data.load_stage(tmp_path / "g", "rank")
+
+
+def test_a_directory_without_manifest_is_not_a_finished_output(tmp_path):
+    Dataset.from_list([{"prompt": "a"}]).save_to_disk(str(tmp_path / "g"))
+    with pytest.raises(SppoError, match="has no manifest.json: it is not a finished sppo output"):
+        data.load_stage(tmp_path / "g", "generate")
+    (tmp_path / "g" / "manifest.json").write_text(json.dumps({"stage": "generate"}))
+    with pytest.raises(SppoError, match="does not describe a finished sppo output"):
+        data.load_stage(tmp_path / "g", "generate")
+
+
+def test_atomic_output_leaves_nothing_on_failure_and_replaces_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ZeroDivisionError):
+        with data.atomic_output(out) as partial:
+            (partial / "half-written").write_text("x")
+            1 / 0
+    assert list(tmp_path.iterdir()) == []
+
+    data.save_stage(Dataset.from_list([{"prompt": "old"}]), out, "generate", {}, {})
+    with pytest.raises(RuntimeError, match="without a manifest"):
+        with data.atomic_output(out) as partial:
+            (partial / "data").write_text("new")
+    assert data.load_stage(out)[0]["prompt"] == ["old"]  # the finished output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    data.save_stage(Dataset.from_list([{"prompt": "new"}]), out, "generate", {}, {})
+    assert data.load_stage(out)[0]["prompt"] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SppoError, match="already exists; choose another --output or pass --overwrite"):
+        data.require_new_output(tmp_path / "out")
+    assert data.require_new_output(tmp_path / "out", overwrite=True) == tmp_path / "out"
+
+
+def test_a_partial_directory_is_not_read_as_a_dataset(tmp_path):
+    Dataset.from_list([{"prompt": "a"}]).save_to_disk(str(tmp_path / "g.partial"))
+    with pytest.raises(SppoError, match="unfinished output of an interrupted run"):
+        data.read_dataset(str(tmp_path / "g.partial"))

@@ -1,0 +1,58 @@
+"""pipeline.sh end to end: 2 SPPO iterations on the tiny model with the tiny PairRM, then a resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def run_pipeline(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SPPO": str(Path(sys.executable).parent / "sppo")}
+    return subprocess.run(
+        [str(REPO / "pipeline.sh"), *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO
+    )
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_two_iterations_then_resume(tmp_path, tiny_model, tiny_pairrm, prompts_file):
+    args = [
+        "--model", tiny_model, "--prompts", prompts_file, "--iter", 2, "--output-dir", tmp_path / "run",
+        "--ranker", tiny_pairrm, "--num-samples", 3,
+        "--generate-args", "--max-new-tokens 8",
+        "--train-args", "--per-device-batch-size 4 --learning-rate 1e-3 --report-to none",
+    ]
+    result = run_pipeline(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    for t in (1, 2):
+        for stage in ("generations", "rankings", "model"):
+            assert manifest(run / f"iter{t}" / stage)["complete"]
+    # iteration 2 samples from and is referenced to iteration 1's model
+    assert manifest(run / "iter1/generations")["inputs"]["model"] == str(tiny_model)
+    assert manifest(run / "iter2/generations")["inputs"]["model"] == str(run / "iter1/model")
+    assert manifest(run / "iter2/model")["inputs"]["model"] == str(run / "iter1/model")
+    assert manifest(run / "iter2/generations")["parameters"]["num_samples"] == 3
+    assert manifest(run / "iter1/model")["steps"] == 1
+
+    # a crash after iteration 2's ranking: re-running resumes at training
+    os.rename(run / "iter2/model", tmp_path / "moved")
+    result = run_pipeline(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== generate: " + str(run / "iter1/generations") + " is finished, skipping" in result.stdout
+    assert "== train -> " + str(run / "iter2/model") in result.stdout
+    assert result.stdout.count("skipping") == 5
+    assert manifest(run / "iter2/model")["complete"]
+
+
+def test_bad_arguments():
+    result = run_pipeline("--model", "m", "--iter", "two")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "pipeline.sh: error: --model, --prompts, --iter and --output-dir are required (see --help)"
+    result = run_pipeline("--model", "m", "--prompts", "p", "--output-dir", "d", "--iter", "0")
+    assert result.stderr.strip() == "pipeline.sh: error: --iter must be a positive integer, got '0'"
