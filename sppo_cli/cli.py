@@ -60,9 +60,15 @@ def generate(
 def rank(
     generations: Annotated[str, typer.Option(help="Output directory of `sppo generate`.")],
     output: Output,
-    ranker: Annotated[str, typer.Option(help="PairRM checkpoint (directory or hub id) or python:module:function.")],
-    probability_mode: Annotated[str, typer.Option(help="scores (published) or pairwise.")] = "scores",
-    batch_size: Annotated[int, typer.Option(help="Response pairs per forward pass.")] = 32,
+    ranker: Annotated[
+        str,
+        typer.Option(
+            help="PairRM checkpoint (directory or hub id), reward-model:PATH_OR_ID, rule:math, or python:module:function."
+        ),
+    ],
+    probability_mode: Annotated[str, typer.Option(help="PairRM: scores (published) or pairwise.")] = "scores",
+    answer_column: Annotated[str, typer.Option(help="rule:math: column with the reference answer.")] = "answer",
+    batch_size: Annotated[int, typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass.")] = 32,
     overwrite: Overwrite = False,
 ):
     """Judge the K responses of each prompt; write win rates and chosen/rejected pairs."""
@@ -72,9 +78,9 @@ def rank(
 
     generation_data = data.validate_generations(data.load_stage(generations, "generate")[0], generations)
     data.require_new_output(output, overwrite)
-    judge = load_ranker(ranker, probability_mode, batch_size)
+    judge = load_ranker(ranker, probability_mode, batch_size, answer_column)
     rankings, stats = rank_generations(generation_data, judge)
-    parameters = {"ranker": ranker, "probability_mode": probability_mode}
+    parameters = {"ranker": ranker, "probability_mode": probability_mode, "answer_column": answer_column}
     data.save_stage(rankings, output, "rank", {"generations": generations}, parameters, **stats)
     _done(output, f"{stats['pairs']} pairs, {stats['tied_prompts']} prompts with tied responses")
 
@@ -118,28 +124,38 @@ def train(
     _done(output, f"{manifest['steps']} steps, final train loss {manifest['train_loss']:.4g}")
 
 
+TinyOutput = Annotated[Path, typer.Argument(help="Directory to write.")]
+
+
 @app.command("tiny-model")
-def tiny_model(
-    output: Annotated[Path, typer.Argument(help="Directory to write.")], seed: Seed = 0, overwrite: Overwrite = False
-):
+def tiny_model(output: TinyOutput, seed: Seed = 0, overwrite: Overwrite = False):
     """Build a tiny random Llama with its own tokenizer and chat template (offline)."""
-    from sppo_cli.data import build_artifact
     from sppo_cli.tiny import build_tiny_model
 
-    build_artifact(output, "tiny-model", lambda directory: build_tiny_model(directory, seed), {"seed": seed}, overwrite)
-    _done(output, "tiny causal LM")
+    _build_tiny("tiny-model", build_tiny_model, output, seed, overwrite)
 
 
 @app.command("tiny-pairrm")
-def tiny_pairrm(
-    output: Annotated[Path, typer.Argument(help="Directory to write.")], seed: Seed = 0, overwrite: Overwrite = False
-):
+def tiny_pairrm(output: TinyOutput, seed: Seed = 0, overwrite: Overwrite = False):
     """Build a tiny random PairRM checkpoint (PairRM-hf layout, offline)."""
-    from sppo_cli.data import build_artifact
     from sppo_cli.pairrm import build_tiny_pairrm
 
-    build_artifact(output, "tiny-pairrm", lambda directory: build_tiny_pairrm(directory, seed), {"seed": seed}, overwrite)
-    _done(output, "tiny PairRM")
+    _build_tiny("tiny-pairrm", build_tiny_pairrm, output, seed, overwrite)
+
+
+@app.command("tiny-reward-model")
+def tiny_reward_model(output: TinyOutput, seed: Seed = 0, overwrite: Overwrite = False):
+    """Build a tiny random scalar reward model sharing the tiny model's tokenizer (offline)."""
+    from sppo_cli.tiny import build_tiny_reward_model
+
+    _build_tiny("tiny-reward-model", build_tiny_reward_model, output, seed, overwrite)
+
+
+def _build_tiny(kind: str, build, output: Path, seed: int, overwrite: bool) -> None:
+    from sppo_cli.data import build_artifact
+
+    build_artifact(output, kind, lambda directory: build(directory, seed), {"seed": seed}, overwrite)
+    _done(output, kind)
 
 
 def _done(output: Path, summary: str) -> None:

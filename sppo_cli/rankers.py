@@ -1,6 +1,8 @@
 """Preference signals behind one interface (`sppo_cli.rank.Ranker`), chosen by a `--ranker` spec:
 
   PATH_OR_HUB_ID                   a PairRM checkpoint (the default signal of the paper)
+  reward-model:PATH_OR_HUB_ID      a scalar reward model (AutoModelForSequenceClassification): P = sigmoid(r_i - r_j)
+  rule:math                        a math answer checker against the `--answer-column` reference
   python:package.module:function   a plug-in: fn(prompts, responses) -> per prompt K scores or a K x K matrix
 """
 
@@ -9,11 +11,15 @@ import sys
 from collections.abc import Callable
 
 import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification
 
 from sppo_cli.data import PROMPT, RESPONSES
 from sppo_cli.errors import SppoError
+from sppo_cli.models import default_device, load_tokenizer, resolve_model
 from sppo_cli.pairrm import PairRM, pairwise_probabilities, scores_from_logits
 from sppo_cli.rank import Judgement, Ranker
+from sppo_cli.verifiers import is_correct
 
 PROBABILITY_MODES = ("scores", "pairwise")
 
@@ -71,9 +77,99 @@ class PairRMRanker:
         return {"truncated_responses": self.model.num_truncated}
 
 
-def load_ranker(spec: str, probability_mode: str = "scores", batch_size: int = 32) -> Ranker:
+class RewardModelRanker:
+    """A scalar reward per response, read on the chat-formatted conversation; longest-first batches."""
+
+    def __init__(self, checkpoint: str, batch_size: int = 32, max_length: int = 4096):
+        checkpoint = resolve_model(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
+        if not self.tokenizer.chat_template:
+            raise SppoError(f"the reward model {checkpoint} has no chat template to format conversations with")
+        on_gpu = torch.cuda.is_available()
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                checkpoint, dtype=torch.bfloat16 if on_gpu else torch.float32
+            )
+        except Exception as error:
+            raise SppoError(f"cannot load the reward model {checkpoint}: {str(error).splitlines()[0]}") from error
+        if self.model.config.num_labels != 1:
+            raise SppoError(f"{checkpoint} has {self.model.config.num_labels} outputs; a reward model has one")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(default_device()).eval()
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def judge(self, batch: dict[str, list]) -> list[Judgement]:
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            )
+            for prompt, responses in zip(batch[PROMPT], batch[RESPONSES])
+            for response in responses
+        ]
+        rewards = self.rewards(texts)
+        judgements, start = [], 0
+        for responses in batch[RESPONSES]:
+            judgements.append(rewards[start : start + len(responses)])
+            start += len(responses)
+        return judgements
+
+    @torch.inference_mode()
+    def rewards(self, texts: list[str]) -> np.ndarray:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        rewards = np.empty(len(texts))
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            inputs = self.tokenizer(
+                [texts[i] for i in indices], add_special_tokens=False, padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt",
+            ).to(self.model.device)
+            rewards[indices] = self.model(**inputs).logits[:, 0].float().cpu().numpy()
+        return rewards
+
+    def stats(self) -> dict:
+        return {}
+
+
+class MathRuleRanker:
+    """Correct beats incorrect: P = 1 or 0, and 1/2 when both are equally right or wrong."""
+
+    def __init__(self, answer_column: str = "answer"):
+        self.answer_column = answer_column
+        self.correct = 0
+        self.judged = 0
+
+    def judge(self, batch: dict[str, list]) -> list[Judgement]:
+        if self.answer_column not in batch:
+            raise SppoError(
+                f"rule:math needs the reference answer column {self.answer_column!r} in the generations "
+                f"(it has: {', '.join(batch)}); choose it with --answer-column"
+            )
+        judgements = []
+        for responses, reference in zip(batch[RESPONSES], batch[self.answer_column]):
+            correct = np.array([is_correct(response, str(reference)) for response in responses], dtype=np.float64)
+            self.correct += int(correct.sum())
+            self.judged += len(responses)
+            judgements.append(0.5 + 0.5 * (correct[:, None] - correct[None, :]))
+        return judgements
+
+    def stats(self) -> dict:
+        return {"correct_responses": self.correct, "judged_responses": self.judged}
+
+
+RULES = {"rule:math": MathRuleRanker}
+
+
+def load_ranker(
+    spec: str, probability_mode: str = "scores", batch_size: int = 32, answer_column: str = "answer"
+) -> Ranker:
     if probability_mode not in PROBABILITY_MODES:
         raise SppoError(f"unknown --probability-mode {probability_mode!r} (choose from {', '.join(PROBABILITY_MODES)})")
     if spec.startswith("python:"):
         return PluginRanker(spec)
+    if spec.startswith("reward-model:"):
+        return RewardModelRanker(spec.removeprefix("reward-model:"), batch_size)
+    if spec.startswith("rule:"):
+        if spec not in RULES:
+            raise SppoError(f"unknown rule {spec!r} (choose from {', '.join(RULES)})")
+        return RULES[spec](answer_column)
     return PairRMRanker(spec, probability_mode, batch_size)

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -63,31 +69,46 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(output_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
-    """Write a random tiny Llama (about 100k parameters) and its tokenizer to `output_dir`."""
-    output_dir = Path(output_dir)
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
+def _llama_config(tokenizer: PreTrainedTokenizerFast, **kwargs) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=hidden_size // 32,
-        num_key_value_heads=hidden_size // 32,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
     )
+
+
+def build_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny Llama (about 100k parameters) and its tokenizer to `output_dir`."""
+    output_dir = Path(output_dir)
+    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(_llama_config(tokenizer))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_tiny_reward_model(output_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny Llama scalar reward model (one logit) with the same tokenizer and chat template."""
+    output_dir = Path(output_dir)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=1))
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir

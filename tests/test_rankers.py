@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from sppo_cli.errors import SppoError
+from sppo_cli.rank import rank
+from sppo_cli.rankers import MathRuleRanker, RewardModelRanker, load_ranker
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tmp_path_factory):
+    from sppo_cli.tiny import build_tiny_reward_model
+
+    return build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "rm", seed=0)
+
+
+def test_math_rule_correct_beats_incorrect():
+    batch = {
+        "prompt": ["1+1?", "2+2?"],
+        "responses": [["\\boxed{2}", "\\boxed{3}", "The answer is 2."], ["\\boxed{5}", "\\boxed{3}"]],
+        "answer": ["2", "4"],
+    }
+    ranker = MathRuleRanker()
+    first, second = ranker.judge(batch)
+    assert first.tolist() == [[0.5, 1.0, 0.5], [0.0, 0.5, 0.0], [0.5, 1.0, 0.5]]
+    assert second.tolist() == [[0.5, 0.5], [0.5, 0.5]]  # both wrong: no preference
+    assert ranker.stats() == {"correct_responses": 2, "judged_responses": 5}
+
+
+def test_math_rule_through_rank_skips_prompts_without_signal():
+    generations = Dataset.from_list(
+        [
+            {"prompt": "1+1?", "prompt_text": "", "responses": ["\\boxed{3}", "so \\boxed{2}"], "answer": "2"},
+            {"prompt": "2+2?", "prompt_text": "", "responses": ["\\boxed{4}", "\\boxed{4.0}"], "answer": "4"},
+        ]
+    )
+    rankings, stats = rank(generations, load_ranker("rule:math"))
+    assert stats["pairs"] == 1 and stats["tied_prompts"] == 1 and stats["correct_responses"] == 3
+    row = rankings[0]
+    assert row["chosen"][-1]["content"] == "so \\boxed{2}" and row["rejected"][-1]["content"] == "\\boxed{3}"
+    assert (row["chosen_probs"], row["chosen_probs_win"], row["chosen_probs_lose"]) == (1.0, 0.75, 0.25)
+
+
+def test_math_rule_names_the_missing_answer_column():
+    with pytest.raises(SppoError, match="rule:math needs the reference answer column 'solution'"):
+        load_ranker("rule:math", answer_column="solution").judge({"prompt": ["q"], "responses": [["a", "b"]]})
+    with pytest.raises(SppoError, match="unknown rule 'rule:code'"):
+        load_ranker("rule:code")
+
+
+def test_reward_model_scores_the_chat_formatted_conversation(tiny_reward_model):
+    ranker = load_ranker(f"reward-model:{tiny_reward_model}", batch_size=3)
+    assert isinstance(ranker, RewardModelRanker)
+    batch = {"prompt": ["Name a fruit.", "Two plus two?"],
+             "responses": [["an apple", "a red apple from the tree", "no"], ["four", "4"]]}
+    scores = ranker.judge(batch)
+    assert [len(s) for s in scores] == [3, 2]
+    # the same rewards, one conversation at a time, without padding
+    tokenizer, model = ranker.tokenizer, ranker.model
+    for prompt, responses, got in zip(batch["prompt"], batch["responses"], scores):
+        for response, reward in zip(responses, got):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            )
+            assert text.endswith(f"{response}<|end|>")
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+            assert reward == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
+
+
+def test_reward_model_probabilities_are_sigmoid_of_reward_differences(tiny_reward_model):
+    generations = Dataset.from_list(
+        [{"prompt": "Name a fruit.", "prompt_text": "", "responses": ["an apple", "a pear", "no idea at all"]}]
+    )
+    ranker = load_ranker(f"reward-model:{tiny_reward_model}")
+    rewards = np.asarray(ranker.judge(generations[:])[0])
+    rankings, _ = rank(generations, ranker)
+    expected = 1 / (1 + np.exp(-(rewards[:, None] - rewards[None, :])))
+    np.testing.assert_allclose(rankings[0]["probability"], expected, atol=1e-12)
+    assert rankings[0]["chosen"][-1]["content"] == generations[0]["responses"][int(np.argmax(rewards))]
+
+
+def test_reward_model_errors(tmp_path, tiny_model):
+    with pytest.raises(SppoError, match="model not found"):
+        load_ranker(f"reward-model:{tmp_path / 'missing'}")
+    with pytest.raises(SppoError, match="cannot load the reward model|outputs; a reward model has one"):
+        load_ranker(f"reward-model:{tiny_model}")
