@@ -20,9 +20,7 @@ $(VENV)/.installed: pyproject.toml
 # The whole pipeline, 2 iterations, offline, on a tiny policy and a tiny PairRM that the project builds itself.
 demo: install $(DEMO_DIR)/base-model/manifest.json $(DEMO_DIR)/pairrm/manifest.json
 	SPPO=$(BIN)/sppo ./pipeline.sh --model $(DEMO_DIR)/base-model --prompts recipes/tiny_prompts.jsonl \
-		--iter 2 --output-dir $(DEMO_DIR) --ranker $(DEMO_DIR)/pairrm --num-samples 4 \
-		--generate-args "--max-new-tokens 32" \
-		--train-args "--per-device-batch-size 4 --learning-rate 1e-4 --report-to none"
+		--iter 2 --output-dir $(DEMO_DIR) --recipe recipes/tiny-cpu.yaml --ranker $(DEMO_DIR)/pairrm
 
 $(DEMO_DIR)/base-model/manifest.json: | install
 	$(BIN)/sppo tiny-model $(@D) --seed 0

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # SPPO over N iterations: generate -> rank -> train, iteration t+1 sampling from and referencing iteration t's model.
 #
-#   ./pipeline.sh --model M --prompts P --iter N --output-dir D [--ranker R] [--num-samples K]
+#   ./pipeline.sh --model M --prompts P --iter N --output-dir D [--recipe YAML] [--ranker R] [--num-samples K]
 #                 [--generate-args "..."] [--rank-args "..."] [--train-args "..."]
 #
 # Layout: D/iter1/{generations,rankings,model}, D/iter2/..., one directory per iteration and stage.
-# A stage whose directory holds a finished manifest.json is skipped, so re-running the same command after a
-# crash resumes at the first unfinished stage.
+# --recipe passes a YAML recipe (recipes/*.yaml) to every stage; the other options override it.
+# A stage whose directory holds a finished manifest.json is skipped and training resumes from its last
+# checkpoint, so re-running the same command after a crash continues where it stopped.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 2; }
 
-model="" prompts="" iterations="" output_dir="" ranker="llm-blender/PairRM" num_samples=5
+model="" prompts="" iterations="" output_dir="" recipe=()
 generate_args="" rank_args="" train_args=""
 while [[ $# -gt 0 ]]; do
   [[ $1 == --help || $1 == -h ]] && usage
@@ -22,8 +23,9 @@ while [[ $# -gt 0 ]]; do
     --prompts) prompts=$2 ;;
     --iter) iterations=$2 ;;
     --output-dir) output_dir=$2 ;;
-    --ranker) ranker=$2 ;;
-    --num-samples) num_samples=$2 ;;
+    --recipe) [[ -f $2 ]] || die "no such recipe: $2"; recipe=(--config "$2") ;;
+    --ranker) rank_args+=" --ranker $2" ;;
+    --num-samples) generate_args+=" --num-samples $2" ;;
     --generate-args) generate_args=$2 ;;
     --rank-args) rank_args=$2 ;;
     --train-args) train_args=$2 ;;
@@ -54,14 +56,13 @@ for ((t = 1; t <= iterations; t++)); do
   echo "=== iteration $t/$iterations: policy $policy"
   # shellcheck disable=SC2086 # the *_args options are word-split on purpose
   stage generate "$dir/generations" \
-    "$sppo" generate --model "$policy" --prompts "$prompts" --output "$dir/generations" \
-    --num-samples "$num_samples" $generate_args
+    "$sppo" generate "${recipe[@]}" --model "$policy" --prompts "$prompts" --output "$dir/generations" $generate_args
   # shellcheck disable=SC2086
   stage rank "$dir/rankings" \
-    "$sppo" rank --generations "$dir/generations" --output "$dir/rankings" --ranker "$ranker" $rank_args
+    "$sppo" rank "${recipe[@]}" --generations "$dir/generations" --output "$dir/rankings" $rank_args
   # shellcheck disable=SC2086
   stage train "$dir/model" \
-    "$sppo" train --model "$policy" --data "$dir/rankings" --output "$dir/model" $train_args
+    "$sppo" train "${recipe[@]}" --model "$policy" --data "$dir/rankings" --output "$dir/model" --resume $train_args
   policy=$dir/model
 done
 echo "=== done: final model $policy"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 
 from sppo_cli.errors import SppoError
@@ -22,6 +23,33 @@ console = Console(stderr=True)
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (must not exist).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace --output if it exists.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
+
+
+def _read_config(ctx: typer.Context, path: Path | None) -> Path | None:
+    """Defaults for this command from the `<command>:` section of a YAML recipe; flags given still win."""
+    if path is None:
+        return None
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise SppoError(f"cannot read the recipe {path}: {str(error).splitlines()[0]}") from error
+    section = recipe.get(ctx.command.name, {}) if isinstance(recipe, dict) else None
+    if not isinstance(section, dict):
+        raise SppoError(f"{path}: `{ctx.command.name}:` must be a mapping of option names to values")
+    known = {param.name for param in ctx.command.params} - {"config"}
+    defaults = {key.replace("-", "_"): value for key, value in section.items()}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise SppoError(f"{path}: unknown option(s) for `sppo {ctx.command.name}`: {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+Config = Annotated[
+    Path | None,
+    typer.Option(help="YAML recipe: its `<command>:` section sets defaults; flags override.", is_eager=True,
+                 callback=_read_config),
+]
 
 
 @app.command()
@@ -60,12 +88,13 @@ def generate(
 def rank(
     generations: Annotated[str, typer.Option(help="Output directory of `sppo generate`.")],
     output: Output,
+    config: Config = None,
     ranker: Annotated[
         str,
         typer.Option(
             help="PairRM checkpoint (directory or hub id), reward-model:PATH_OR_ID, rule:math, or python:module:function."
         ),
-    ],
+    ] = "llm-blender/PairRM",
     probability_mode: Annotated[str, typer.Option(help="PairRM: scores (published) or pairwise.")] = "scores",
     answer_column: Annotated[str, typer.Option(help="rule:math: column with the reference answer.")] = "answer",
     batch_size: Annotated[int, typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass.")] = 32,
@@ -90,6 +119,7 @@ def train(
     model: Annotated[str, typer.Option(help="Policy to train; also the frozen reference.")],
     data: Annotated[str, typer.Option(help="Output directory of `sppo rank` (or a dataset in SPPO format).")],
     output: Output,
+    config: Config = None,
     loss: Annotated[str, typer.Option(help="sppo, sppo_single or sppo_hard.")] = "sppo",
     beta: Annotated[float, typer.Option(help="1/eta of the SPPO loss.")] = 0.001,
     learning_rate: float = 5e-7,
@@ -98,15 +128,34 @@ def train(
     gradient_accumulation_steps: int = 1,
     max_length: int = 1024,
     gradient_checkpointing: bool = True,
+    precompute_ref_logps: Annotated[
+        bool, typer.Option(help="Compute reference log-probs once before training; no reference model in memory.")
+    ] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 trains every weight.")] = 0,
+    lora_alpha: int = 16,
+    lora_target_modules: Annotated[str, typer.Option(help="Comma-separated module names, or all-linear.")] = (
+        "all-linear"
+    ),
+    load_in_4bit: Annotated[bool, typer.Option(help="QLoRA: load the base in 4 bits (CUDA + bitsandbytes).")] = False,
+    num_processes: Annotated[int, typer.Option(help="Processes (GPUs) on this node, launched with torchrun.")] = 1,
+    deepspeed: Annotated[str | None, typer.Option(help="DeepSpeed config, e.g. recipes/deepspeed/zero3.json.")] = None,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (for --resume).")] = 200,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
     report_to: Annotated[str, typer.Option(help="tensorboard, wandb, none, or a comma-separated list.")] = "tensorboard",
     seed: Seed = 42,
     overwrite: Overwrite = False,
 ):
     """Train the policy on the rankings with the SPPO loss."""
     from sppo_cli.data import require_new_output
-    from sppo_cli.train import SPPOConfig, train as train_policy
+    from sppo_cli.train import SPPOConfig, is_launched, launch, lora_config, train as train_policy
 
-    config = SPPOConfig(
+    if load_in_4bit and not lora_r:
+        raise SppoError("--load-in-4bit trains a LoRA adapter: set --lora-r too")
+    if not is_launched():
+        require_new_output(output, overwrite)
+        if num_processes > 1 or deepspeed:  # DeepSpeed always needs a launcher
+            raise typer.Exit(launch(num_processes))
+    sppo_config = SPPOConfig(
         output_dir=str(output),
         loss_type=[loss],
         beta=beta,
@@ -116,12 +165,16 @@ def train(
         gradient_accumulation_steps=gradient_accumulation_steps,
         max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
+        precompute_ref_log_probs=precompute_ref_logps,
+        deepspeed=deepspeed,
+        save_steps=save_steps,
         report_to=report_to.split(","),
         seed=seed,
     )
-    require_new_output(output, overwrite)
-    manifest = train_policy(model, data, output, config)
-    _done(output, f"{manifest['steps']} steps, final train loss {manifest['train_loss']:.4g}")
+    peft_config = lora_config(lora_r, lora_alpha, lora_target_modules) if lora_r else None
+    manifest = train_policy(model, data, output, sppo_config, peft_config, load_in_4bit, resume)
+    if manifest is not None:
+        _done(output, f"{manifest['steps']} steps, final train loss {manifest['train_loss']:.4g}")
 
 
 TinyOutput = Annotated[Path, typer.Argument(help="Directory to write.")]

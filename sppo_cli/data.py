@@ -186,31 +186,42 @@ def require_new_output(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path, keep_partial: bool = False) -> Iterator[Path]:
-    """Yield `<path>.partial` to write into; on success it replaces `path`.
-
-    The caller writes the manifest last (`write_manifest`). On failure the partial directory is removed, unless
-    `keep_partial` (a stage that can resume from it, such as training checkpoints) asks to keep it.
-    """
+def partial_dir(path: str | Path) -> Path:
+    """Where the output `path` is written until it is finished."""
     path = Path(path)
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    if partial.exists() and not keep_partial:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    try:
-        yield partial
-        if not (partial / MANIFEST).exists():
-            raise RuntimeError(f"internal error: {partial} was finished without a manifest")
-    except BaseException:
-        if not keep_partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def finish_output(partial: Path, path: str | Path) -> None:
+    """Rename a partial directory, whose manifest must be written, into place (replacing `path`)."""
+    path = Path(path)
+    if not (partial / MANIFEST).exists():
+        raise RuntimeError(f"internal error: {partial} was finished without a manifest")
     previous = path.with_name(path.name + ".replaced")
     if path.exists():
         os.replace(path, previous)
     os.replace(partial, path)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, keep_partial: bool = False) -> Iterator[Path]:
+    """Yield `<path>.partial` to write into; on success it replaces `path`.
+
+    The caller writes the manifest last (`write_manifest`). On failure the partial directory is removed, unless
+    `keep_partial` (a stage that can resume from it) asks to keep it, and reuse it on the next start.
+    """
+    partial = partial_dir(path)
+    if partial.exists() and not keep_partial:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+        finish_output(partial, path)
+    except BaseException:
+        if not keep_partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def write_manifest(directory: Path, stage: str, inputs: dict, parameters: dict, **stats: Any) -> dict:

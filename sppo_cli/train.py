@@ -9,13 +9,21 @@ where P_win, P_lose are the winner's and loser's estimated win rates and P = P(w
 log-probs, PEFT and DeepSpeed all come from DPOTrainer.
 """
 
+import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
 from sppo_cli.data import (
@@ -26,8 +34,9 @@ from sppo_cli.data import (
     MANIFEST,
     REJECTED,
     WIN_RATE_COLUMNS,
-    atomic_output,
+    finish_output,
     load_stage,
+    partial_dir,
     read_dataset,
     validate_rankings,
     write_manifest,
@@ -74,7 +83,9 @@ class SPPOConfig(DPOConfig):
     per_device_train_batch_size: int = 8
     logging_steps: float = 1
     report_to: str | list[str] = "tensorboard"
-    save_strategy: str = "no"
+    save_strategy: str = "steps"
+    save_steps: float = 200
+    save_total_limit: int | None = 1
     seed: int = 42
     bf16: bool | None = field(default=None, metadata={"help": "Defaults to True where the GPU supports bf16."})
 
@@ -82,6 +93,12 @@ class SPPOConfig(DPOConfig):
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         self.dataloader_pin_memory = self.dataloader_pin_memory and torch.cuda.is_available()
+        if self.deepspeed:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Several CPU processes: accelerate would count one process without CUDA; a gloo state made first is used.
+            PartialState(backend="gloo")
+            self.accelerator_config = {"use_configured_state": True}
         super().__post_init__()
         if len(self.loss_type) != 1 or self.loss_type[0] not in SPPO_LOSSES:
             raise SppoError(f"--loss must be one of {', '.join(SPPO_LOSSES)}, got {', '.join(self.loss_type)}")
@@ -173,36 +190,105 @@ def to_trainer_format(rankings: Dataset) -> Dataset:
     return rankings.map(split, remove_columns=[c for c in rankings.column_names if c not in keep])
 
 
-def train(model: str, data: str, output_dir: str | Path, config: SPPOConfig) -> dict:
-    """Train `model` on the rankings in `data`, with `model` itself as the frozen reference; returns the manifest."""
+def train(
+    model: str,
+    data: str,
+    output_dir: str | Path,
+    config: SPPOConfig,
+    peft_config: LoraConfig | None = None,
+    load_in_4bit: bool = False,
+    resume: bool = False,
+) -> dict | None:
+    """Train `model` on the rankings in `data`, with `model` itself as the frozen reference.
+
+    Every process of a distributed run calls this; the main process writes the manifest, renames the output into
+    place and returns the manifest (the others return None). With `resume`, training continues from the last
+    checkpoint of an interrupted run of the same output, if there is one.
+    """
     model = resolve_model(model)
     tokenizer = load_tokenizer(model)
     dataset = to_trainer_format(load_rankings(data))
+    state = PartialState()
+    partial = partial_dir(output_dir)
+    checkpoint = get_last_checkpoint(str(partial)) if resume and partial.is_dir() else None
+    if state.is_main_process and checkpoint is None:
+        shutil.rmtree(partial, ignore_errors=True)
+    state.wait_for_everyone()
 
-    with atomic_output(output_dir) as partial:
-        config.output_dir = str(partial)  # tensorboard logs land in partial/runs
-        trainer = SPPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-        result = trainer.train()
-        trainer.save_model(str(partial))
-        for checkpoint in partial.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint)
-        log_history = trainer.state.log_history
-        (partial / "log_history.json").write_text(json.dumps(log_history, indent=1) + "\n")
-        return write_manifest(
-            partial,
-            stage="train",
-            inputs={"model": model, "data": str(data)},
-            parameters={
-                "loss": config.loss_type[0],
-                "beta": config.beta,
-                "learning_rate": config.learning_rate,
-                "epochs": config.num_train_epochs,
-                "per_device_batch_size": config.per_device_train_batch_size,
-                "gradient_accumulation_steps": config.gradient_accumulation_steps,
-                "max_length": config.max_length,
-                "seed": config.seed,
-            },
-            rows=len(dataset),
-            steps=result.global_step,
-            train_loss=result.training_loss,
-        )
+    config.output_dir = str(partial)  # checkpoints and tensorboard logs (partial/runs) land here
+    trainer = SPPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        quantization_config=_four_bit_config() if load_in_4bit else None,
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(partial / "adapter" if peft_config else partial))  # collective under ZeRO-3
+    if not state.is_main_process:
+        return None
+    if peft_config:
+        _merge_adapter(model, partial / "adapter", partial)
+        tokenizer.save_pretrained(partial)
+    for saved in partial.glob("checkpoint-*"):
+        shutil.rmtree(saved)
+    (partial / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+    manifest = write_manifest(
+        partial,
+        stage="train",
+        inputs={"model": model, "data": str(data)},
+        parameters={
+            "loss": config.loss_type[0],
+            "beta": config.beta,
+            "learning_rate": config.learning_rate,
+            "epochs": config.num_train_epochs,
+            "per_device_batch_size": config.per_device_train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "num_processes": state.num_processes,
+            "max_length": config.max_length,
+            "precompute_ref_log_probs": config.precompute_ref_log_probs,
+            "lora": peft_config.to_dict() if peft_config else None,
+            "load_in_4bit": load_in_4bit,
+            "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else bool(config.deepspeed),
+            "seed": config.seed,
+        },
+        rows=len(dataset),
+        steps=result.global_step,
+        train_loss=result.training_loss,
+        resumed_from=Path(checkpoint).name if checkpoint else None,
+    )
+    finish_output(partial, output_dir)
+    return manifest
+
+
+def lora_config(rank: int, alpha: int, target_modules: str, dropout: float = 0.0) -> LoraConfig:
+    modules = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
+
+
+def _four_bit_config() -> BitsAndBytesConfig:
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise SppoError("--load-in-4bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _merge_adapter(base_model: str, adapter: Path, output: Path) -> None:
+    """Fold the trained adapter into a full-precision copy of the base, so the next iteration's generate loads it."""
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(output)
+
+
+def launch(num_processes: int) -> int:
+    """Run this same command once per process under torchrun (on one node); returns its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
+    return subprocess.call([*command, "-m", "sppo_cli.cli", *sys.argv[1:]])
+
+
+def is_launched() -> bool:
+    return "LOCAL_RANK" in os.environ
