@@ -62,26 +62,40 @@ def generate(
     top_p: float = 0.9,
     max_new_tokens: int = 512,
     seed: Seed = 42,
-    backend: Annotated[str, typer.Option(help="transformers, vllm or auto.")] = "transformers",
+    backend: Annotated[str, typer.Option(help="transformers, vllm, or auto (vllm if importable).")] = "transformers",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Prompts per batch (transformers backend).")] = 8,
+    max_model_len: Annotated[int | None, typer.Option(help="Context window; longer prompts are skipped.")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory for vLLM.")] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per model replica (vllm backend).")] = 1,
+    data_parallel_size: Annotated[int, typer.Option(help="Model replicas, one worker process each.")] = 1,
+    shard_size: Annotated[int, typer.Option(help="Prompts per shard, the unit of resuming and progress.")] = 1000,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     split: str = "train",
     prompt_column: str = "prompt",
     overwrite: Overwrite = False,
 ):
-    """Sample K responses per prompt from the policy."""
+    """Sample K responses per prompt from the policy; re-running an interrupted run resumes it."""
     from sppo_cli import data
-    from sppo_cli.generate import SamplingConfig, generate, make_backend
+    from sppo_cli.generate import EngineConfig, SamplingConfig, generate_to_disk, resolve_backend
 
     sampling = SamplingConfig(num_samples, temperature, top_p, max_new_tokens, seed)
+    engine = EngineConfig(
+        model=model,
+        backend=resolve_backend(backend),
+        dtype=dtype,
+        batch_size=batch_size,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+        data_parallel_size=data_parallel_size,
+        shard_size=shard_size,
+    )
     prompt_data = data.load_prompts(prompts, split, prompt_column, limit)
     data.require_new_output(output, overwrite)
-    engine = make_backend(backend, model, dtype=dtype, batch_size=batch_size)
-    generations, stats = generate(prompt_data, engine, sampling)
-    parameters = {**asdict(sampling), "backend": backend, "dtype": dtype}
-    data.save_stage(generations, output, "generate", {"model": model, "prompts": prompts}, parameters, **stats)
-    _done(output, f"{stats['prompts']} prompts, {stats['samples']} samples, {stats['seconds']:.1f} s")
+    stats = generate_to_disk(prompt_data, engine, sampling, output, {"model": model, "prompts": prompts})
+    summary = f"{stats['prompts']} prompts, {stats['samples']} samples, {stats['generated_tokens']} tokens, "
+    _done(output, summary + f"{stats['seconds']:.1f} s ({engine.backend})")
 
 
 @app.command()

@@ -248,7 +248,7 @@ def train(
             "num_processes": state.num_processes,
             "max_length": config.max_length,
             "precompute_ref_log_probs": config.precompute_ref_log_probs,
-            "lora": peft_config.to_dict() if peft_config else None,
+            "lora": _describe_lora(peft_config),
             "load_in_4bit": load_in_4bit,
             "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else bool(config.deepspeed),
             "seed": config.seed,
@@ -265,6 +265,14 @@ def train(
 def lora_config(rank: int, alpha: int, target_modules: str, dropout: float = 0.0) -> LoraConfig:
     modules = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
+
+
+def _describe_lora(peft_config: LoraConfig | None) -> dict | None:
+    if peft_config is None:
+        return None
+    modules = peft_config.target_modules
+    modules = modules if isinstance(modules, str) else sorted(modules)
+    return {"r": peft_config.r, "alpha": peft_config.lora_alpha, "target_modules": modules}
 
 
 def _four_bit_config() -> BitsAndBytesConfig:
