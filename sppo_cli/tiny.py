@@ -69,14 +69,14 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, **kwargs) -> LlamaConfig:
+def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, **kwargs):
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32,
         head_dim=32,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
@@ -87,12 +87,12 @@ def _llama_config(tokenizer: PreTrainedTokenizerFast, **kwargs) -> LlamaConfig:
     )
 
 
-def build_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random tiny Llama (about 100k parameters) and its tokenizer to `output_dir`."""
+def build_tiny_model(output_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Write a random tiny Llama (about 100k parameters by default) and its tokenizer to `output_dir`."""
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_llama_config(tokenizer))
+    model = LlamaForCausalLM(_llama_config(tokenizer, hidden_size, num_layers))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
