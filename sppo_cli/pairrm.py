@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2PreTrainedModel
@@ -84,7 +85,9 @@ class PairRM:
         source_max_length: int = 1224,
         candidate_max_length: int = 412,
     ) -> "PairRM":
-        """Load a local directory or hub id in either layout; dtype defaults to float16 on CUDA (as LLM-Blender), else float32."""
+        """Load a local directory or hub id in either layout.
+
+        dtype defaults to float16 on CUDA (what LLM-Blender runs PairRM in) and float32 elsewhere."""
         checkpoint_dir = _resolve_checkpoint(path_or_id)
         config = _read_json(checkpoint_dir / "config.json", path_or_id)
         if "ranker_type" in config:
@@ -92,7 +95,8 @@ class PairRM:
         elif all(key in config for key in HF_LAYOUT_KEYS):
             model, tokenizer = _load_hf_layout(checkpoint_dir, path_or_id)
         else:
-            raise SppoError(f"{path_or_id} is not a PairRM checkpoint: its config.json has neither ranker_type nor {', '.join(HF_LAYOUT_KEYS)}")
+            expected = f"ranker_type (llm-blender/PairRM) nor {', '.join(HF_LAYOUT_KEYS)} (llm-blender/PairRM-hf)"
+            raise SppoError(f"{path_or_id} is not a PairRM checkpoint: its config.json has neither {expected}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
         model.to(device=device, dtype=dtype).eval()
@@ -118,12 +122,15 @@ class PairRM:
     def logit_matrices(self, prompts: list[str], responses: list[list[str]], batch_size: int = 32) -> list[np.ndarray]:
         """Per prompt a KxK float32 matrix L, L[i][j] = logit(response i beats j), zero diagonal.
 
-        batch_size counts rows per forward pass; both orders of a pair always share one, so an odd size is rounded up.
+        batch_size counts ordered pairs (model rows) per forward pass; both orders of a pair always share one, so an odd
+        batch_size is rounded up.
         """
         if len(prompts) != len(responses) or any(len(group) < 2 for group in responses):
             raise ValueError("need one list of at least 2 responses per prompt")
         encoded = [self._encode_prompt(prompt, group) for prompt, group in zip(prompts, responses)]
-        pairs = [(p, i, j) for p, (_, cands) in enumerate(encoded) for i, j in itertools.combinations(range(len(cands)), 2)]
+        pairs = [
+            (p, i, j) for p, group in enumerate(responses) for i, j in itertools.combinations(range(len(group)), 2)
+        ]
         lengths = [len(encoded[p][0]) + len(encoded[p][1][i]) + len(encoded[p][1][j]) for p, i, j in pairs]
         matrices = [np.zeros((len(group), len(group)), dtype=np.float32) for group in responses]
         for batch in _length_sorted_batches(pairs, lengths, max(1, (batch_size + 1) // 2)):
@@ -137,12 +144,12 @@ class PairRM:
         return matrices
 
     def _encode_prompt(self, source: str, candidates: list[str]) -> tuple[list[int], list[list[int]]]:
-        """Token ids `[CLS]<|source|>..[SEP]` and `[CLS]<|candidate|>..[SEP]` per candidate, truncated like LLM-Blender."""
+        """Ids of `[CLS]<|source|>..[SEP]` and of each `[CLS]<|candidate|>..[SEP]`, truncated as LLM-Blender does."""
         tokenizer = self.tokenizer
         source_ids = tokenizer(
             SOURCE_PREFIX + self._clean(source), truncation=True, max_length=self.source_max_length
         )["input_ids"]
-        # Candidates get what the source leaves unused, split between the two (LLM-Blender with batch_size=1, as SPPO runs it).
+        # Candidates share what the source leaves unused (LLM-Blender at batch_size=1, which is how SPPO calls it).
         candidate_budget = self.candidate_max_length + (self.source_max_length - len(source_ids)) // 2
         bodies = tokenizer(
             [CANDIDATE_PREFIX + self._clean(c) for c in candidates],
@@ -162,7 +169,8 @@ class PairRM:
 
     def _pair_row(self, source_ids: list[int], cand1_ids: list[int], cand2_ids: list[int]) -> list[int]:
         cand1_prefix_id, cand2_prefix_id = self.cand_prefix_ids
-        return [*source_ids, cand1_ids[0], cand1_prefix_id, *cand1_ids[2:], cand2_ids[0], cand2_prefix_id, *cand2_ids[2:]]
+        cls_id = self.tokenizer.cls_token_id
+        return [*source_ids, cls_id, cand1_prefix_id, *cand1_ids[2:], cls_id, cand2_prefix_id, *cand2_ids[2:]]
 
     def _forward(self, rows: list[list[int]]) -> torch.Tensor:
         device = self.model.device
@@ -197,59 +205,76 @@ def _resolve_checkpoint(path_or_id: str) -> Path:
     if path.is_dir():
         return path
     if path.exists() or path_or_id.count("/") != 1 or path_or_id.startswith((".", "/", "~")):
-        raise SppoError(f"PairRM checkpoint not found: {path_or_id} is not a directory")
+        raise SppoError(f"PairRM checkpoint not found: there is no directory {path_or_id}")
     try:
         return Path(snapshot_download(path_or_id))
     except Exception as error:
-        raise SppoError(f"PairRM checkpoint not found: {path_or_id} is neither a local directory nor reachable on the Hugging Face hub ({type(error).__name__})") from error
+        reason = f"neither a local directory nor reachable on the Hugging Face hub ({type(error).__name__})"
+        raise SppoError(f"PairRM checkpoint not found: {path_or_id} is {reason}") from error
 
 
 def _read_json(path: Path, path_or_id: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise SppoError(f"{path_or_id} is not a PairRM checkpoint: cannot read {path.name} ({type(error).__name__})") from error
+        reason = f"cannot read {path.name} ({type(error).__name__})"
+        raise SppoError(f"{path_or_id} is not a PairRM checkpoint: {reason}") from error
 
 
 def _load_hf_layout(checkpoint_dir: Path, path_or_id: str) -> tuple[DebertaV2PairRM, DebertaV2Tokenizer]:
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    model, info = DebertaV2PairRM.from_pretrained(checkpoint_dir, dtype=torch.float32, output_loading_info=True)
-    if info["missing_keys"]:
-        raise SppoError(f"{path_or_id} is not a complete PairRM checkpoint: missing {sorted(info['missing_keys'])[0]} and more")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+        model, info = DebertaV2PairRM.from_pretrained(checkpoint_dir, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SppoError(f"cannot load the PairRM checkpoint {path_or_id}: {_first_line(error)}") from error
+    _check_complete(sorted(info["missing_keys"]), path_or_id)
     expected = [model.config.source_prefix_id, model.config.cand1_prefix_id, model.config.cand2_prefix_id]
     if tokenizer.convert_tokens_to_ids(PREFIX_TOKENS[:3]) != expected:
         raise SppoError(f"{path_or_id}: the tokenizer's {', '.join(PREFIX_TOKENS[:3])} ids do not match config.json")
     return model, tokenizer
 
 
-def _load_blender_layout(checkpoint_dir: Path, ranker_config: dict, path_or_id: str) -> tuple[DebertaV2PairRM, DebertaV2Tokenizer]:
+def _load_blender_layout(
+    checkpoint_dir: Path, ranker_config: dict, path_or_id: str
+) -> tuple[DebertaV2PairRM, DebertaV2Tokenizer]:
     """LLM-Blender's CrossCompareReranker checkpoint: tokenizer and backbone config come from `model_name`."""
-    if ranker_config["ranker_type"] != "pairranker" or not str(ranker_config.get("model_type", "")).startswith("deberta"):
+    model_name = ranker_config.get("model_name")
+    if ranker_config["ranker_type"] != "pairranker" or not str(ranker_config.get("model_type")).startswith("deberta"):
         raise SppoError(f"{path_or_id} is an LLM-Blender ranker but not a DeBERTa pairranker (PairRM)")
-    model_name = ranker_config["model_name"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
         config = AutoConfig.from_pretrained(model_name)
-    except (OSError, ValueError) as error:
-        raise SppoError(f"{path_or_id}: cannot load its backbone {model_name} ({type(error).__name__})") from error
-    tokenizer.add_tokens(PREFIX_TOKENS)  # a no-op when the backbone's tokenizer already has them
+    except (OSError, ValueError, TypeError) as error:
+        raise SppoError(f"{path_or_id}: cannot load its backbone {model_name}: {_first_line(error)}") from error
+    tokenizer.add_tokens(PREFIX_TOKENS)  # as LLM-Blender does; a no-op when the tokenizer already has them
     source_id, cand1_id, cand2_id, cand_id = tokenizer.convert_tokens_to_ids(PREFIX_TOKENS)
-    config.update(dict(
-        vocab_size=len(tokenizer), n_tasks=ranker_config.get("n_tasks", 1), drop_out=ranker_config.get("drop_out", 0.05),
-        source_prefix_id=source_id, cand1_prefix_id=cand1_id, cand2_prefix_id=cand2_id, cand_prefix_id=cand_id,
-        sep_token_id=tokenizer.sep_token_id,
-    ))
+    config.update({
+        "vocab_size": len(tokenizer), "sep_token_id": tokenizer.sep_token_id,
+        "n_tasks": ranker_config.get("n_tasks", 1), "drop_out": ranker_config.get("drop_out", 0.05),
+        "source_prefix_id": source_id, "cand_prefix_id": cand_id,
+        "cand1_prefix_id": cand1_id, "cand2_prefix_id": cand2_id,
+    })
     model = DebertaV2PairRM(config)
-    missing = model.load_state_dict(_read_state_dict(checkpoint_dir, path_or_id), strict=False).missing_keys
-    if missing:
-        raise SppoError(f"{path_or_id} is not a complete PairRM checkpoint: missing {missing[0]} and more")
+    try:
+        missing = model.load_state_dict(_read_state_dict(checkpoint_dir, path_or_id), strict=False).missing_keys
+    except RuntimeError as error:
+        raise SppoError(f"cannot load the PairRM checkpoint {path_or_id}: {_first_line(error)}") from error
+    _check_complete(missing, path_or_id)
     return model, tokenizer
+
+
+def _check_complete(missing_keys: list[str], path_or_id: str) -> None:
+    if missing_keys:
+        missing = f"{len(missing_keys)} weights missing, e.g. {missing_keys[0]}"
+        raise SppoError(f"{path_or_id} is not a complete PairRM checkpoint: {missing}")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _read_state_dict(checkpoint_dir: Path, path_or_id: str) -> dict[str, torch.Tensor]:
     if (checkpoint_dir / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
         return load_file(checkpoint_dir / "model.safetensors")
     if (checkpoint_dir / "pytorch_model.bin").exists():
         return torch.load(checkpoint_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -257,7 +282,7 @@ def _read_state_dict(checkpoint_dir: Path, path_or_id: str) -> dict[str, torch.T
 
 
 def build_tiny_pairrm(output_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random tiny PairRM-hf checkpoint (DeBERTa-v3-style backbone, offline tokenizer), deterministic in seed."""
+    """Write a random tiny PairRM-hf checkpoint (DeBERTa-v3-style backbone, offline tokenizer); deterministic in seed."""
     output_dir = Path(output_dir)
     tokenizer = DebertaV2Tokenizer(vocab=_tiny_unigram_vocab(), unk_id=3)
     tokenizer.add_tokens(PREFIX_TOKENS)
@@ -288,7 +313,8 @@ def _tiny_unigram_vocab(num_pieces: int = 600) -> list[tuple[str, float]]:
         for word in line.split():
             piece = "▁" + word
             counts.update(piece[i : i + n] for n in range(1, len(piece) + 1) for i in range(len(piece) - n + 1))
-    alphabet = [prefix + char for char in string.ascii_letters + string.digits + string.punctuation for prefix in ("", "▁")]
+    printable = string.ascii_letters + string.digits + string.punctuation
+    alphabet = [prefix + char for char in printable for prefix in ("", "▁")]
     counts.update(alphabet)  # every printable ASCII character stays representable
     frequent = sorted(counts, key=lambda piece: (-counts[piece], piece))
     pieces = sorted(set(frequent[:num_pieces]) | set(alphabet), key=lambda piece: (-counts[piece], piece))
@@ -298,7 +324,7 @@ def _tiny_unigram_vocab(num_pieces: int = 600) -> list[tuple[str, float]]:
 
 
 def _tiny_corpus(num_lines: int = 400) -> list[str]:
-    subjects = ["the model", "a student", "my friend", "the teacher", "our team", "the assistant", "this answer", "the user"]
+    subjects = ["the model", "a student", "my friend", "the teacher", "our team", "the assistant", "the user"]
     verbs = ["explains", "describes", "writes", "answers", "compares", "summarizes", "reviews", "improves", "lists"]
     objects = ["the question", "a short poem", "the main idea", "two options", "the final result", "a simple recipe",
                "the history of Rome", "how rain forms", "why the sky is blue", "the steps in order", "a helpful plan"]

@@ -49,7 +49,8 @@ def to_blender_layout(hf_dir: Path, output_dir: Path) -> Path:
     ranker_dir.mkdir(parents=True)
     ranker_config = {
         "ranker_type": "pairranker", "model_type": "deberta", "model_name": str(backbone_dir),
-        "cache_dir": str(output_dir / "cache"), "load_checkpoint": str(ranker_dir), "source_maxlength": 1224, "candidate_maxlength": 412,
+        "cache_dir": str(output_dir / "cache"), "load_checkpoint": str(ranker_dir),
+        "source_maxlength": 1224, "candidate_maxlength": 412,
         "n_tasks": model.config.n_tasks, "num_pos": 5, "num_neg": 5, "sub_sampling_mode": "all_pair",
         "sub_sampling_ratio": 0.4, "loss_type": "instructgpt", "reduce_type": "linear", "inference_mode": "bubble",
         "drop_out": model.config.drop_out, "fp16": True, "device": "cpu",

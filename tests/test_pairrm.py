@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from blender_support import import_llm_blender, load_blender, to_blender_layout
 from transformers import AutoTokenizer
 
 from sppo_cli.errors import SppoError
@@ -15,7 +16,6 @@ from sppo_cli.pairrm import (
     pairwise_probabilities,
     scores_from_logits,
 )
-from blender_support import import_llm_blender, load_blender, to_blender_layout
 
 LONG_ANSWER = "Rain forms when warm air rises, cools and its water vapour condenses into droplets. " * 4
 LONG_POEM = "The sea is wide, the sky is blue, the waves roll in and out again. " * 5
@@ -31,7 +31,7 @@ RESPONSES_K4 = [
     ["Option one is cheaper.", "Both are fine.", LONG_POEM, "Option two is faster, option one is simpler."],
 ]
 NUM_LONG_RESPONSES = 4
-SMALL_LENGTHS = dict(source_max_length=24, candidate_max_length=32)  # truncates LONG_PROMPT and the four long responses
+SMALL_LENGTHS = {"source_max_length": 24, "candidate_max_length": 32}  # truncates LONG_PROMPT and 4 responses
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def blender(blender_dir):
     return load_blender(blender_dir)
 
 
-@pytest.mark.parametrize("lengths", [SMALL_LENGTHS, dict(source_max_length=1224, candidate_max_length=412)])
+@pytest.mark.parametrize("lengths", [SMALL_LENGTHS, {"source_max_length": 1224, "candidate_max_length": 412}])
 def test_scores_match_llm_blender_rank(hf_dir, blender, lengths):
     pairrm = PairRM.load(str(hf_dir), **lengths)
     for prompts, responses in [(PROMPTS_K3, RESPONSES_K3), (PROMPTS_K4, RESPONSES_K4)]:
@@ -104,9 +104,8 @@ def test_pairwise_probabilities_match_llm_blender_compare(hf_dir, blender):
         np.testing.assert_allclose(P + P.T, np.ones_like(P), atol=1e-12)
         np.testing.assert_array_equal(np.diag(P), 0.5)
         pairs = [(i, j) for i in range(len(responses)) for j in range(len(responses)) if i != j]
-        compare_logits = blender.compare(
-            [prompt] * len(pairs), [responses[i] for i, _ in pairs], [responses[j] for _, j in pairs], return_logits=True
-        )
+        candidates_a, candidates_b = [responses[i] for i, _ in pairs], [responses[j] for _, j in pairs]
+        compare_logits = blender.compare([prompt] * len(pairs), candidates_a, candidates_b, return_logits=True)
         np.testing.assert_allclose([P[i, j] for i, j in pairs], 1 / (1 + np.exp(-compare_logits)), atol=1e-5)
 
 
