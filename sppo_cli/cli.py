@@ -111,6 +111,8 @@ def rank(
     ] = "llm-blender/PairRM",
     probability_mode: Annotated[str, typer.Option(help="PairRM: scores (published) or pairwise.")] = "scores",
     answer_column: Annotated[str, typer.Option(help="rule:math: column with the reference answer.")] = "answer",
+    source_max_length: Annotated[int, typer.Option(help="PairRM: prompt tokens kept (LLM-Blender's).")] = 1224,
+    candidate_max_length: Annotated[int, typer.Option(help="PairRM: response tokens kept (LLM-Blender's).")] = 412,
     batch_size: Annotated[int, typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass.")] = 32,
     overwrite: Overwrite = False,
 ):
@@ -121,9 +123,10 @@ def rank(
 
     generation_data = data.validate_generations(data.load_stage(generations, "generate")[0], generations)
     data.require_new_output(output, overwrite)
-    judge = load_ranker(ranker, probability_mode, batch_size, answer_column)
+    max_lengths = {"source_max_length": source_max_length, "candidate_max_length": candidate_max_length}
+    judge = load_ranker(ranker, probability_mode, batch_size, answer_column, **max_lengths)
     rankings, stats = rank_generations(generation_data, judge)
-    parameters = {"ranker": ranker, "probability_mode": probability_mode, "answer_column": answer_column}
+    parameters = {"ranker": ranker, "probability_mode": probability_mode, "answer_column": answer_column, **max_lengths}
     data.save_stage(rankings, output, "rank", {"generations": generations}, parameters, **stats)
     _done(output, f"{stats['pairs']} pairs, {stats['tied_prompts']} prompts with tied responses")
 

@@ -63,15 +63,15 @@ def _import_function(target: str) -> Callable:
 class PairRMRanker:
     """PairRM on every ordered pair; `scores` mode is the published reduction, `pairwise` keeps P(i beats j)."""
 
-    def __init__(self, checkpoint: str, probability_mode: str = "scores", batch_size: int = 32):
-        self.model = PairRM.load(checkpoint)
-        self.probability_mode = probability_mode
+    def __init__(self, checkpoint: str, probability_mode: str = "scores", batch_size: int = 32, **max_lengths: int):
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.model = PairRM.load(checkpoint, dtype=dtype, **max_lengths)
+        self.reduce = scores_from_logits if probability_mode == "scores" else pairwise_probabilities
         self.batch_size = batch_size
 
     def judge(self, batch: dict[str, list]) -> list[Judgement]:
         logits = self.model.logit_matrices(batch[PROMPT], batch[RESPONSES], batch_size=self.batch_size)
-        reduce = scores_from_logits if self.probability_mode == "scores" else pairwise_probabilities
-        return [reduce(matrix) for matrix in logits]
+        return [self.reduce(matrix) for matrix in logits]
 
     def stats(self) -> dict:
         return {"truncated_responses": self.model.num_truncated}
@@ -160,7 +160,12 @@ RULES = {"rule:math": MathRuleRanker}
 
 
 def load_ranker(
-    spec: str, probability_mode: str = "scores", batch_size: int = 32, answer_column: str = "answer"
+    spec: str,
+    probability_mode: str = "scores",
+    batch_size: int = 32,
+    answer_column: str = "answer",
+    source_max_length: int = 1224,
+    candidate_max_length: int = 412,
 ) -> Ranker:
     if probability_mode not in PROBABILITY_MODES:
         raise SppoError(f"unknown --probability-mode {probability_mode!r} (choose from {', '.join(PROBABILITY_MODES)})")
@@ -172,4 +177,5 @@ def load_ranker(
         if spec not in RULES:
             raise SppoError(f"unknown rule {spec!r} (choose from {', '.join(RULES)})")
         return RULES[spec](answer_column)
-    return PairRMRanker(spec, probability_mode, batch_size)
+    max_lengths = {"source_max_length": source_max_length, "candidate_max_length": candidate_max_length}
+    return PairRMRanker(spec, probability_mode, batch_size, **max_lengths)

@@ -84,3 +84,37 @@ def test_reward_model_errors(tmp_path, tiny_model):
         load_ranker(f"reward-model:{tmp_path / 'missing'}")
     with pytest.raises(SppoError, match="cannot load the reward model|outputs; a reward model has one"):
         load_ranker(f"reward-model:{tiny_model}")
+
+
+def test_pairwise_mode_keeps_the_intransitive_preferences_the_score_reduction_erases():
+    from sppo_cli.pairrm import pairwise_probabilities, scores_from_logits
+    from sppo_cli.rank import ranking_row
+
+    # PairRM logits for a cycle a > b > c > a (both orders of each pair), as a real ranker can produce
+    logits = np.array([[0.0, 2.0, -2.0], [-2.0, 0.0, 2.0], [2.0, -2.0, 0.0]])
+    scores = scores_from_logits(logits)
+    np.testing.assert_allclose(scores, [0.0, 0.0, 0.0])  # the score reduction: every response looks equal
+    assert ranking_row("p", ["a", "b", "c"], scores) is None
+
+    probabilities = pairwise_probabilities(logits)
+    assert probabilities[0, 1] == pytest.approx(1 / (1 + np.exp(-4.0)))  # sigmoid(L[a][b] - L[b][a])
+    np.testing.assert_allclose(probabilities + probabilities.T, np.ones((3, 3)))
+    # the cycle plus a response that everything beats: pairwise keeps both the cycle and the loser
+    logits = np.array([[0, 2, -2, 3], [-2, 0, 2, 3], [2, -2, 0, 3], [-3, -3, -3, 0]], dtype=float)
+    row = ranking_row("p", ["a", "b", "c", "d"], pairwise_probabilities(logits))
+    np.testing.assert_allclose(row["probability"][0][:3], [0.5, 1 / (1 + np.exp(-4.0)), 1 / (1 + np.exp(4.0))])
+    assert row["rejected"][-1]["content"] == "d"
+
+
+def test_pairrm_ranker_through_rank_with_both_modes(tiny_pairrm):
+    generations = Dataset.from_list(
+        [{"prompt": "Name a fruit.", "prompt_text": "", "responses": ["an apple", "a pear", "no idea at all", "x"]},
+         {"prompt": "Two plus two?", "prompt_text": "", "responses": ["four", "4 of course"]}]
+    )
+    by_scores, stats = rank(generations, load_ranker(str(tiny_pairrm), source_max_length=8, candidate_max_length=4))
+    pairwise, _ = rank(generations, load_ranker(str(tiny_pairrm), "pairwise"))
+    assert stats["truncated_responses"] > 0
+    for row in pairwise:
+        p = np.array(row["probability"])
+        np.testing.assert_allclose(p + p.T, np.ones_like(p), atol=1e-6)
+    assert len(by_scores) == len(pairwise) == 2
