@@ -1,5 +1,6 @@
 """The `sppo` command: parses options and calls the stage functions; no logic of its own."""
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -114,6 +115,7 @@ def rank(
     source_max_length: Annotated[int, typer.Option(help="PairRM: prompt tokens kept (LLM-Blender's).")] = 1224,
     candidate_max_length: Annotated[int, typer.Option(help="PairRM: response tokens kept (LLM-Blender's).")] = 412,
     batch_size: Annotated[int, typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass.")] = 32,
+    data_parallel_size: Annotated[int, typer.Option(help="Ranker replicas, one worker process (GPU) each.")] = 1,
     overwrite: Overwrite = False,
 ):
     """Judge the K responses of each prompt; write win rates and chosen/rejected pairs."""
@@ -124,8 +126,8 @@ def rank(
     generation_data = data.validate_generations(data.load_stage(generations, "generate")[0], generations)
     data.require_new_output(output, overwrite)
     max_lengths = {"source_max_length": source_max_length, "candidate_max_length": candidate_max_length}
-    judge = load_ranker(ranker, probability_mode, batch_size, answer_column, **max_lengths)
-    rankings, stats = rank_generations(generation_data, judge)
+    make_ranker = functools.partial(load_ranker, ranker, probability_mode, batch_size, answer_column, **max_lengths)
+    rankings, stats = rank_generations(generation_data, make_ranker, data_parallel_size)
     parameters = {"ranker": ranker, "probability_mode": probability_mode, "answer_column": answer_column, **max_lengths}
     data.save_stage(rankings, output, "rank", {"generations": generations}, parameters, **stats)
     _done(output, f"{stats['pairs']} pairs, {stats['tied_prompts']} prompts with tied responses")

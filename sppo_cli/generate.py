@@ -8,11 +8,10 @@ samples do not depend on which process drew them.
 """
 
 import contextlib
+import functools
 import hashlib
 import json
-import multiprocessing
 import os
-import queue
 import shutil
 import time
 import warnings
@@ -30,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sppo_cli.data import PARTIAL_SUFFIX, PROMPT, PROMPT_TEXT, RESPONSES, atomic_output, write_manifest
 from sppo_cli.errors import SppoError
+from sppo_cli.parallel import run_workers
 from sppo_cli.models import chat_prompt, encode_chat_prompt, load_causal_lm, load_tokenizer
 
 BACKENDS = ("transformers", "vllm", "auto")
@@ -247,73 +247,11 @@ def _model_fingerprint(model: str) -> str | list:
     return [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-# ---- data parallelism -----------------------------------------------------------------------------------------------
-
-
-def _device_groups(engine: EngineConfig, ranks: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES of each rank: consecutive groups of tensor_parallel_size GPUs; none on a CPU."""
-    if not torch.cuda.device_count():
-        return [None] * ranks
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    tp = engine.tensor_parallel_size
-    return [",".join(devices[rank * tp : (rank + 1) * tp]) for rank in range(ranks)]
-
-
-def _worker(
-    engine: EngineConfig,
-    shards: list[Shard],
-    sampling: SamplingConfig,
-    directory: Path,
-    devices: str | None,
-    messages: multiprocessing.Queue,
+def _generate_shards(
+    engine: EngineConfig, sampling: SamplingConfig, directory: Path, shards: list[Shard], progress: Progress
 ) -> None:
-    if devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices  # before the backend initializes CUDA
-    try:
-        with contextlib.closing(make_backend(engine)) as backend:
-            run_shards(backend, shards, sampling, directory, lambda *done: messages.put(("progress", *done)))
-    except Exception as error:  # reported to the parent, which prints one line instead of a worker's traceback
-        lines = str(error).strip().splitlines() or [""]
-        messages.put(("error", lines[0] if isinstance(error, SppoError) else f"{type(error).__name__}: {lines[0]}"))
-    else:
-        messages.put(("done",))
-
-
-def run_data_parallel(
-    engine: EngineConfig, assignments: list[list[Shard]], sampling: SamplingConfig, directory: Path, progress: Progress
-) -> None:
-    """One worker process per rank, each with its own backend (its own GPUs); shards come back as files."""
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter, so each sees only its own GPUs
-    messages = context.Queue()
-    groups = _device_groups(engine, len(assignments))
-    workers = [
-        context.Process(target=_worker, args=(engine, shards, sampling, directory, devices, messages))
-        for shards, devices in zip(assignments, groups)
-    ]
-    try:
-        for worker in workers:
-            worker.start()
-        running = len(workers)
-        while running:
-            try:
-                kind, *payload = messages.get(timeout=5)
-            except queue.Empty:
-                crashed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
-                if crashed:
-                    raise SppoError(f"a data-parallel worker died (exit code {crashed[0]})") from None
-                continue
-            if kind == "error":
-                raise SppoError(f"a data-parallel worker failed: {payload[0]}")
-            if kind == "progress":
-                progress(*payload)
-            else:
-                running -= 1
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join()
+    with contextlib.closing(make_backend(engine)) as backend:
+        run_shards(backend, shards, sampling, directory, progress)
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------------
@@ -339,12 +277,13 @@ def generate(
 
     started = time.perf_counter()
     ranks = min(engine.data_parallel_size, len(pending))
+    work = functools.partial(_generate_shards, engine, sampling, directory)
     with _progress_bar(sum(len(shard.prompt_ids) for shard in pending)) as progress:
         if ranks == 1:
-            with contextlib.closing(make_backend(engine)) as backend:
-                run_shards(backend, pending, sampling, directory, progress)
+            work(pending, progress)
         elif ranks > 1:
-            run_data_parallel(engine, [pending[rank::ranks] for rank in range(ranks)], sampling, directory, progress)
+            assignments = [pending[rank::ranks] for rank in range(ranks)]
+            run_workers(work, assignments, progress, gpus_per_rank=engine.tensor_parallel_size)
     seconds = time.perf_counter() - started
 
     results = [json.loads(shard.path(directory).read_text()) for shard in shards]

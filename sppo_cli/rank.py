@@ -8,7 +8,11 @@ P(i beats j). From it (SPPO_REFERENCE.md section 2):
   chosen_probs = P[w][l], chosen_probs_win = win rate of w, chosen_probs_lose = win rate of l
 """
 
-from collections.abc import Sequence
+import functools
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +31,7 @@ from sppo_cli.data import (
     SCORES,
 )
 from sppo_cli.errors import SppoError
+from sppo_cli.parallel import run_workers
 
 Judgement = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
@@ -86,24 +91,52 @@ def conversation(prompt: str, response: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def rank(generations: Dataset, ranker: Ranker, batch_size: int = 64) -> tuple[Dataset, dict]:
-    """Judge every prompt's responses; returns the rankings (prompts whose responses all tie left out) and stats."""
+def judge_all(generations: Dataset, ranker: Ranker, progress: Callable[[int], None], batch_size: int = 64) -> dict:
+    """Judge every prompt: the ranking rows (tied prompts left out), the tie count and the ranker's counts."""
     rows, ties = [], 0
-    with tqdm(total=len(generations), desc="rank", unit="prompt") as progress:
-        for start in range(0, len(generations), batch_size):
-            batch = generations[start : start + batch_size]
-            judgements = ranker.judge(batch)
-            if len(judgements) != len(batch[PROMPT]):
-                raise SppoError(f"the ranker returned {len(judgements)} judgements for {len(batch[PROMPT])} prompts")
-            for index, judgement in enumerate(judgements):
-                extra = {c: batch[c][index] for c in batch if c not in (PROMPT, RESPONSES)}
-                row = ranking_row(batch[PROMPT][index], batch[RESPONSES][index], judgement)
-                if row is None:
-                    ties += 1
-                else:
-                    rows.append({PROMPT: batch[PROMPT][index], RESPONSES: batch[RESPONSES][index], **extra, **row})
-            progress.update(len(judgements))
+    for start in range(0, len(generations), batch_size):
+        batch = generations[start : start + batch_size]
+        judgements = ranker.judge(batch)
+        if len(judgements) != len(batch[PROMPT]):
+            raise SppoError(f"the ranker returned {len(judgements)} judgements for {len(batch[PROMPT])} prompts")
+        for index, judgement in enumerate(judgements):
+            extra = {c: batch[c][index] for c in batch if c not in (PROMPT, RESPONSES)}
+            row = ranking_row(batch[PROMPT][index], batch[RESPONSES][index], judgement)
+            if row is None:
+                ties += 1
+            else:
+                rows.append({PROMPT: batch[PROMPT][index], RESPONSES: batch[RESPONSES][index], **extra, **row})
+        progress(len(judgements))
+    return {"rows": rows, "tied_prompts": ties, "ranker": ranker.stats()}
+
+
+def _judge_slice(make_ranker: Callable[[], Ranker], directory: Path, job: tuple[int, Dataset], progress) -> None:
+    index, generations = job
+    result = judge_all(generations, make_ranker(), progress)
+    (directory / f"{index:06d}.json").write_text(json.dumps(result))
+
+
+def rank(generations: Dataset, make_ranker: Callable[[], Ranker], data_parallel_size: int = 1) -> tuple[Dataset, dict]:
+    """Judge every prompt's responses, on `data_parallel_size` workers (one per GPU) each building its own ranker.
+
+    Returns the rankings, in prompt order, with prompts whose responses all tie left out, and the run's counts.
+    """
+    if data_parallel_size < 1:
+        raise SppoError(f"--data-parallel-size must be at least 1, got {data_parallel_size}")
+    workers = min(data_parallel_size, len(generations))
+    with tqdm(total=len(generations), desc="rank", unit="prompt") as bar:
+        if workers <= 1:
+            results = [judge_all(generations, make_ranker(), bar.update)]
+        else:
+            with tempfile.TemporaryDirectory() as directory:
+                slices = [(i, generations.shard(workers, i, contiguous=True)) for i in range(workers)]
+                run_workers(functools.partial(_judge_slice, make_ranker, Path(directory)), slices, bar.update)
+                results = [json.loads(path.read_text()) for path in sorted(Path(directory).glob("*.json"))]
+    rows = [row for result in results for row in result["rows"]]
     if not rows:
         raise SppoError(f"all {len(generations)} prompts had tied responses: nothing to train on")
-    stats = {"prompts": len(generations), "pairs": len(rows), "tied_prompts": ties, **ranker.stats()}
+    stats = {"prompts": len(generations), "pairs": len(rows), "tied_prompts": sum(r["tied_prompts"] for r in results)}
+    for result in results:
+        for name, count in result["ranker"].items():
+            stats[name] = stats.get(name, 0) + count
     return Dataset.from_list(rows), stats

@@ -1,10 +1,13 @@
 import json
+import queue
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from sppo_cli import cli
+from sppo_cli import cli, parallel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,3 +60,34 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     finally:
         sys.argv = argv
     return code, capsys.readouterr().err
+
+
+@dataclass
+class InlineProcess:
+    target: object
+    args: tuple
+    exitcode: int | None = None
+
+    def start(self):
+        self.target(*self.args)
+        self.exitcode = 0
+
+    def is_alive(self):
+        return False
+
+    def join(self):
+        pass
+
+
+@pytest.fixture
+def simulated_processes(monkeypatch) -> list[InlineProcess]:
+    """Data-parallel workers run one after the other in this process (sharing its models); returns them."""
+    started = []
+
+    def process(target, args):
+        started.append(InlineProcess(target, args))
+        return started[-1]
+
+    context = SimpleNamespace(Queue=queue.Queue, Process=process)
+    monkeypatch.setattr(parallel, "multiprocessing", SimpleNamespace(get_context=lambda method: context))
+    return started

@@ -2,10 +2,8 @@
 reuses these fixtures for the vLLM backend."""
 
 import json
-import queue
 import sys
-from dataclasses import dataclass, replace
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -60,37 +58,6 @@ def tokenizer(tiny_model):
 @pytest.fixture
 def engine(tiny_model):
     return EngineConfig(str(tiny_model), batch_size=2, shard_size=2)
-
-
-@dataclass
-class InlineProcess:
-    target: object
-    args: tuple
-    exitcode: int | None = None
-
-    def start(self):
-        self.target(*self.args)
-        self.exitcode = 0
-
-    def is_alive(self):
-        return False
-
-    def join(self):
-        pass
-
-
-@pytest.fixture
-def simulated_processes(monkeypatch) -> list[InlineProcess]:
-    """Data-parallel workers run one after the other in this process (with the shared backend); returns them."""
-    started = []
-
-    def process(target, args):
-        started.append(InlineProcess(target, args))
-        return started[-1]
-
-    context = SimpleNamespace(Queue=queue.Queue, Process=process)
-    monkeypatch.setattr(gen, "multiprocessing", SimpleNamespace(get_context=lambda method: context))
-    return started
 
 
 def prompts(*texts: str) -> Dataset:

@@ -95,7 +95,7 @@ def test_rank_keeps_columns_counts_ties_and_handles_any_k():
             {"prompt": "c", "prompt_text": "C", "responses": ["z", "zzzz", "zz", "zzz", "zzzzz"], "answer": "3"},
         ]
     )
-    rankings, stats = rank(generations, LengthRanker(), batch_size=2)
+    rankings, stats = rank(generations, LengthRanker)
     assert stats == {"prompts": 3, "pairs": 2, "tied_prompts": 1, "calls": 1}
     assert rankings["prompt"] == ["a", "c"]
     assert rankings["answer"] == ["1", "3"]
@@ -107,4 +107,21 @@ def test_rank_keeps_columns_counts_ties_and_handles_any_k():
 def test_rank_refuses_when_everything_ties():
     generations = Dataset.from_list([{"prompt": "a", "prompt_text": "A", "responses": ["x", "x"]}])
     with pytest.raises(SppoError, match="all 1 prompts had tied responses"):
-        rank(generations, LengthRanker())
+        rank(generations, LengthRanker)
+
+
+def test_data_parallel_ranking_merges_rows_in_prompt_order(simulated_processes):
+    generations = Dataset.from_list(
+        [{"prompt": f"p{i}", "prompt_text": "", "responses": ["x" * (i % 3 + 1), "yy", "z"]} for i in range(7)]
+    )
+    single, single_stats = rank(generations, LengthRanker)
+    parallel, stats = rank(generations, LengthRanker, data_parallel_size=3)
+    assert [len(p.args[1][1]) for p in simulated_processes] == [3, 2, 2]  # contiguous slices, one per worker
+    assert parallel.to_list() == single.to_list()
+    assert stats == {**single_stats, "calls": 3}  # counts are summed over the workers
+
+
+def test_data_parallel_size_is_validated():
+    generations = Dataset.from_list([{"prompt": "a", "prompt_text": "", "responses": ["x", "yy"]}])
+    with pytest.raises(SppoError, match="--data-parallel-size must be at least 1, got 0"):
+        rank(generations, LengthRanker, data_parallel_size=0)

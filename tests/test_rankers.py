@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -34,7 +36,7 @@ def test_math_rule_through_rank_skips_prompts_without_signal():
             {"prompt": "2+2?", "prompt_text": "", "responses": ["\\boxed{4}", "\\boxed{4.0}"], "answer": "4"},
         ]
     )
-    rankings, stats = rank(generations, load_ranker("rule:math"))
+    rankings, stats = rank(generations, functools.partial(load_ranker, "rule:math"))
     assert stats["pairs"] == 1 and stats["tied_prompts"] == 1 and stats["correct_responses"] == 3
     row = rankings[0]
     assert row["chosen"][-1]["content"] == "so \\boxed{2}" and row["rejected"][-1]["content"] == "\\boxed{3}"
@@ -73,7 +75,7 @@ def test_reward_model_probabilities_are_sigmoid_of_reward_differences(tiny_rewar
     )
     ranker = load_ranker(f"reward-model:{tiny_reward_model}")
     rewards = np.asarray(ranker.judge(generations[:])[0])
-    rankings, _ = rank(generations, ranker)
+    rankings, _ = rank(generations, lambda: ranker)
     expected = 1 / (1 + np.exp(-(rewards[:, None] - rewards[None, :])))
     np.testing.assert_allclose(rankings[0]["probability"], expected, atol=1e-12)
     assert rankings[0]["chosen"][-1]["content"] == generations[0]["responses"][int(np.argmax(rewards))]
@@ -111,10 +113,24 @@ def test_pairrm_ranker_through_rank_with_both_modes(tiny_pairrm):
         [{"prompt": "Name a fruit.", "prompt_text": "", "responses": ["an apple", "a pear", "no idea at all", "x"]},
          {"prompt": "Two plus two?", "prompt_text": "", "responses": ["four", "4 of course"]}]
     )
-    by_scores, stats = rank(generations, load_ranker(str(tiny_pairrm), source_max_length=8, candidate_max_length=4))
-    pairwise, _ = rank(generations, load_ranker(str(tiny_pairrm), "pairwise"))
+    truncating = functools.partial(load_ranker, str(tiny_pairrm), source_max_length=8, candidate_max_length=4)
+    by_scores, stats = rank(generations, truncating)
+    pairwise, _ = rank(generations, functools.partial(load_ranker, str(tiny_pairrm), "pairwise"))
     assert stats["truncated_responses"] > 0
     for row in pairwise:
         p = np.array(row["probability"])
         np.testing.assert_allclose(p + p.T, np.ones_like(p), atol=1e-6)
     assert len(by_scores) == len(pairwise) == 2
+
+
+def test_pairrm_on_two_worker_processes_matches_one(tiny_pairrm):
+    generations = Dataset.from_list(
+        [{"prompt": f"Question {i}?", "prompt_text": "", "responses": [f"answer {i}", "no", f"maybe {i} or more"]}
+         for i in range(5)]
+    )
+    make_ranker = functools.partial(load_ranker, str(tiny_pairrm), source_max_length=8, candidate_max_length=4)
+    single, single_stats = rank(generations, make_ranker)
+    parallel, stats = rank(generations, make_ranker, data_parallel_size=2)  # two spawned processes
+    assert parallel["prompt"] == single["prompt"]
+    np.testing.assert_allclose(parallel["probability"], single["probability"], atol=1e-6)
+    assert stats["truncated_responses"] == single_stats["truncated_responses"] > 0

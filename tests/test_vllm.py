@@ -13,7 +13,6 @@ from test_generate import (  # noqa: F401 (fixtures)
     one_thread,
     prompts,
     shared_backends,
-    simulated_processes,
     tokenizer,
 )
 

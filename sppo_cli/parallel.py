@@ -1,0 +1,71 @@
+"""Data parallelism for the inference stages: one spawned worker process per group of GPUs.
+
+A worker runs `work(assignment, report)`: `report(*counts)` streams progress to the parent, and results come
+back as files the work writes. A worker that fails ends the run with one line, and no worker outlives it.
+"""
+
+import multiprocessing
+import os
+import queue
+from collections.abc import Callable
+
+import torch
+
+from sppo_cli.errors import SppoError
+
+
+def device_groups(ranks: int, gpus_per_rank: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each rank: consecutive groups of `gpus_per_rank` GPUs; none on a CPU."""
+    if not torch.cuda.device_count():
+        return [None] * ranks
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if ranks * gpus_per_rank > len(devices):
+        raise SppoError(f"{ranks} data-parallel workers x {gpus_per_rank} GPU(s) need more than the {len(devices)} visible")
+    return [",".join(devices[rank * gpus_per_rank : (rank + 1) * gpus_per_rank]) for rank in range(ranks)]
+
+
+def _worker(work: Callable, assignment, devices: str | None, messages: multiprocessing.Queue) -> None:
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices  # before the work initializes CUDA
+    try:
+        work(assignment, lambda *counts: messages.put(("progress", *counts)))
+    except Exception as error:  # reported to the parent, which prints one line instead of a worker's traceback
+        lines = str(error).strip().splitlines() or [""]
+        messages.put(("error", lines[0] if isinstance(error, SppoError) else f"{type(error).__name__}: {lines[0]}"))
+    else:
+        messages.put(("done",))
+
+
+def run_workers(work: Callable, assignments: list, progress: Callable, gpus_per_rank: int = 1) -> None:
+    """Run `work(assignment, report)` for each assignment in its own process; `work` must be picklable."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter, so each sees only its own GPUs
+    messages = context.Queue()
+    groups = device_groups(len(assignments), gpus_per_rank)
+    workers = [
+        context.Process(target=_worker, args=(work, assignment, devices, messages))
+        for assignment, devices in zip(assignments, groups)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        running = len(workers)
+        while running:
+            try:
+                kind, *payload = messages.get(timeout=5)
+            except queue.Empty:
+                crashed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if crashed:
+                    raise SppoError(f"a data-parallel worker died (exit code {crashed[0]})") from None
+                continue
+            if kind == "error":
+                raise SppoError(f"a data-parallel worker failed: {payload[0]}")
+            if kind == "progress":
+                progress(*payload)
+            else:
+                running -= 1
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
