@@ -6,11 +6,12 @@
 #
 # Layout: D/iter1/{generations,rankings,model}, D/iter2/..., one directory per iteration and stage.
 # --recipe passes a YAML recipe (recipes/*.yaml) to every stage; the other options override it.
+# A {iter} in --prompts is replaced by the iteration number (the paper uses a disjoint set of prompts per iteration).
 # A stage whose directory holds a finished manifest.json is skipped and training resumes from its last
 # checkpoint, so re-running the same command after a crash continues where it stopped.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 2; }
 
 model="" prompts="" iterations="" output_dir="" recipe=()
@@ -56,7 +57,7 @@ for ((t = 1; t <= iterations; t++)); do
   echo "=== iteration $t/$iterations: policy $policy"
   # shellcheck disable=SC2086 # the *_args options are word-split on purpose
   stage generate "$dir/generations" \
-    "$sppo" generate "${recipe[@]}" --model "$policy" --prompts "$prompts" --output "$dir/generations" $generate_args
+    "$sppo" generate "${recipe[@]}" --model "$policy" --prompts "${prompts//\{iter\}/$t}" --output "$dir/generations" $generate_args
   # shellcheck disable=SC2086
   stage rank "$dir/rankings" \
     "$sppo" rank "${recipe[@]}" --generations "$dir/generations" --output "$dir/rankings" $rank_args

@@ -114,7 +114,9 @@ def rank(
     answer_column: Annotated[str, typer.Option(help="rule:math: column with the reference answer.")] = "answer",
     source_max_length: Annotated[int, typer.Option(help="PairRM: prompt tokens kept (LLM-Blender's).")] = 1224,
     candidate_max_length: Annotated[int, typer.Option(help="PairRM: response tokens kept (LLM-Blender's).")] = 412,
-    batch_size: Annotated[int, typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass.")] = 32,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass [32 on GPU, 2 on CPU].")
+    ] = None,
     data_parallel_size: Annotated[int, typer.Option(help="Ranker replicas, one worker process (GPU) each.")] = 1,
     overwrite: Overwrite = False,
 ):

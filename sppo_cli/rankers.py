@@ -162,7 +162,7 @@ RULES = {"rule:math": MathRuleRanker}
 def load_ranker(
     spec: str,
     probability_mode: str = "scores",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     answer_column: str = "answer",
     source_max_length: int = 1224,
     candidate_max_length: int = 412,
@@ -171,6 +171,9 @@ def load_ranker(
         raise SppoError(f"unknown --probability-mode {probability_mode!r} (choose from {', '.join(PROBABILITY_MODES)})")
     if spec.startswith("python:"):
         return PluginRanker(spec)
+    # Long rows in big batches spill a CPU's caches (DeBERTa's attention grows with batch x tokens^2): measured in
+    # bench/rank.py, pairs/s on a CPU fall from ~9 at 2 rows per forward pass to ~2 at 32. GPUs want big batches.
+    batch_size = batch_size or (32 if torch.cuda.is_available() else 2)
     if spec.startswith("reward-model:"):
         return RewardModelRanker(spec.removeprefix("reward-model:"), batch_size)
     if spec.startswith("rule:"):

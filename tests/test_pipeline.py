@@ -21,8 +21,11 @@ def manifest(path: Path) -> dict:
 
 
 def test_two_iterations_then_resume(tmp_path, tiny_model, tiny_pairrm, prompts_file):
+    # a disjoint prompt set per iteration, as in the paper: {iter} is replaced by the iteration number
+    (tmp_path / "prompts1.jsonl").write_text(prompts_file.read_text())
+    (tmp_path / "prompts2.jsonl").write_text(prompts_file.read_text().replace("?", "??"))
     args = [
-        "--model", tiny_model, "--prompts", prompts_file, "--iter", 2, "--output-dir", tmp_path / "run",
+        "--model", tiny_model, "--prompts", tmp_path / "prompts{iter}.jsonl", "--iter", 2, "--output-dir", tmp_path / "run",
         "--ranker", tiny_pairrm, "--num-samples", 3,
         "--generate-args", "--max-new-tokens 8 --backend transformers",
         "--train-args", "--per-device-batch-size 4 --learning-rate 1e-3 --report-to none",
@@ -38,6 +41,7 @@ def test_two_iterations_then_resume(tmp_path, tiny_model, tiny_pairrm, prompts_f
     assert manifest(run / "iter2/generations")["inputs"]["model"] == str(run / "iter1/model")
     assert manifest(run / "iter2/model")["inputs"]["model"] == str(run / "iter1/model")
     assert manifest(run / "iter2/generations")["parameters"]["num_samples"] == 3
+    assert manifest(run / "iter2/generations")["inputs"]["prompts"] == str(tmp_path / "prompts2.jsonl")
     assert manifest(run / "iter1/model")["steps"] == 1
 
     # a crash after iteration 2's ranking: re-running resumes at training
