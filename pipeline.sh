@@ -11,7 +11,7 @@
 # checkpoint, so re-running the same command after a crash continues where it stopped.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 2; }
 
 model="" prompts="" iterations="" output_dir="" recipe=()

@@ -10,7 +10,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SppoError, first_line
 
 app = typer.Typer(
     help="Self-Play Preference Optimization: generate → rank → train, one iteration at a time.",
@@ -32,7 +32,7 @@ def _read_config(ctx: typer.Context, path: Path | None) -> Path | None:
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise SppoError(f"cannot read the recipe {path}: {str(error).splitlines()[0]}") from error
+        raise SppoError(f"cannot read the recipe {path}: {first_line(error)}") from error
     section = recipe.get(ctx.command.name, {}) if isinstance(recipe, dict) else None
     if not isinstance(section, dict):
         raise SppoError(f"{path}: `{ctx.command.name}:` must be a mapping of option names to values")
@@ -168,14 +168,16 @@ def train(
 ):
     """Train the policy on the rankings with the SPPO loss."""
     from sppo_cli.data import require_new_output
-    from sppo_cli.train import SPPOConfig, is_launched, launch, lora_config, train as train_policy
+    from sppo_cli.train import SPPOConfig, check_loss, is_launched, launch, load_inputs, lora_config
+    from sppo_cli.train import train as train_policy
 
     if load_in_4bit and not lora_r:
         raise SppoError("--load-in-4bit trains a LoRA adapter: set --lora-r too")
-    if not is_launched():
-        require_new_output(output, overwrite)
-        if num_processes > 1 or deepspeed:  # DeepSpeed always needs a launcher
-            raise typer.Exit(launch(num_processes))
+    require_new_output(output, overwrite)
+    if not is_launched() and (num_processes > 1 or deepspeed):  # DeepSpeed always needs a launcher
+        check_loss([loss], beta)
+        load_inputs(model, data)  # bad input: one line here, not one per process and a launcher traceback
+        raise typer.Exit(launch(num_processes))
     sppo_config = SPPOConfig(
         output_dir=str(output),
         loss_type=[loss],
@@ -233,7 +235,7 @@ def _build_tiny(kind: str, build, output: Path, seed: int, overwrite: bool) -> N
 
 
 def _done(output: Path, summary: str) -> None:
-    console.print(f"[green]✓[/green] {output}: {summary}")
+    console.print(f"[green]✓[/green] {output}: {summary}", soft_wrap=True)
 
 
 def main() -> None:
@@ -248,10 +250,9 @@ def main() -> None:
     except Exception as error:  # a bug or an unexpected library failure: one line, the traceback on request
         if os.environ.get("SPPO_DEBUG"):
             raise
-        lines = str(error).strip().splitlines()
-        message = lines[0] if lines else ""
+        message = f"{type(error).__name__}: {first_line(error)} (set SPPO_DEBUG=1 for the traceback)"
         console.print(
-            f"[red]sppo: error:[/red] {type(error).__name__}: {message} (set SPPO_DEBUG=1 for the traceback)",
+            f"[red]sppo: error:[/red] {message}",
             highlight=False,
             soft_wrap=True,
         )

@@ -20,7 +20,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from sppo_cli import __version__
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SppoError, first_line
 
 # Prompts
 PROMPT = "prompt"
@@ -72,12 +72,7 @@ def _read(load, source: str) -> Dataset | DatasetDict:
     try:
         return load()
     except Exception as error:  # datasets raises many types; the user needs to know which input failed and why
-        raise SppoError(f"cannot read {source}: {_first_line(error)}") from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+        raise SppoError(f"cannot read {source}: {first_line(error)}") from error
 
 
 def load_prompts(source: str, split: str = "train", prompt_column: str = PROMPT, limit: int | None = None) -> Dataset:
@@ -88,6 +83,8 @@ def load_prompts(source: str, split: str = "train", prompt_column: str = PROMPT,
             data = data.remove_columns(PROMPT)
         data = _require_columns(data, [prompt_column], source).rename_column(prompt_column, PROMPT)
     data = _require_columns(data, [PROMPT], source)
+    # Columns `sppo generate` writes: a generations directory used as prompts is sampled afresh.
+    data = data.remove_columns([c for c in (PROMPT_TEXT, RESPONSES) if c in data.column_names])
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     _require_rows(data, source)

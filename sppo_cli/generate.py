@@ -27,7 +27,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sppo_cli.data import PARTIAL_SUFFIX, PROMPT, PROMPT_TEXT, RESPONSES, atomic_output, write_manifest
+from sppo_cli.data import PROMPT, PROMPT_TEXT, RESPONSES, atomic_output, partial_dir, write_manifest
 from sppo_cli.errors import SppoError
 from sppo_cli.parallel import run_workers
 from sppo_cli.models import chat_prompt, encode_chat_prompt, load_causal_lm, load_tokenizer
@@ -74,7 +74,7 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.backend not in ("transformers", "vllm"):
-            raise SppoError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
+            raise SppoError(f"unknown backend {self.backend!r} (resolve `auto` with resolve_backend first)")
         if self.dtype not in DTYPES:
             raise SppoError(f"unknown dtype {self.dtype!r} (use {', '.join(DTYPES)})")
         for option in ("batch_size", "tensor_parallel_size", "data_parallel_size", "shard_size", "max_model_len"):
@@ -229,9 +229,11 @@ def run_shards(
 
 
 def _run_key(engine: EngineConfig, sampling: SamplingConfig, prompt_ids: list[list[int]]) -> str:
-    """Names the shard directory: any argument that changes the samples changes the key. The data-parallel size is
-    left out: it only decides which process draws a shard, so a run resumed on another number of GPUs reuses them."""
-    settings = {**asdict(engine), "data_parallel_size": None, "sampling": asdict(sampling)}
+    """Names the shard directory: any argument that may change the samples changes the key. The data-parallel size
+    and the GPU memory share are left out: they only decide where and how a shard runs, so a run resumed on another
+    number of GPUs, or with less memory after running out, reuses the finished shards."""
+    settings = {**asdict(engine), "data_parallel_size": None, "gpu_memory_utilization": None}
+    settings["sampling"] = asdict(sampling)
     settings["model"] = _model_fingerprint(engine.model)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(prompt_ids).encode())
@@ -334,7 +336,7 @@ def _progress_bar(total: int) -> Iterator[Progress]:
 def generate_to_disk(prompts: Dataset, engine: EngineConfig, sampling: SamplingConfig, output: Path, inputs: dict):
     """Run the stage into `output` atomically; after an interruption, re-running it reuses the finished shards."""
     tokenizer = load_tokenizer(engine.model)  # a model that cannot load fails before anything is written
-    partial = output.with_name(output.name + PARTIAL_SUFFIX)  # where atomic_output writes, named for the cleanup
+    partial = partial_dir(output)  # where atomic_output writes, named for the cleanup
     try:
         with atomic_output(output, keep_partial=True) as partial:
             generations, stats = generate(prompts, tokenizer, engine, sampling, partial / SHARDS)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SppoError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -25,7 +25,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as error:  # OSError, ValueError, hub errors: all mean "this is not a loadable tokenizer"
-        raise SppoError(f"cannot load the tokenizer of {name}: {str(error).strip().splitlines()[0]}") from error
+        raise SppoError(f"cannot load the tokenizer of {name}: {first_line(error)}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -36,7 +36,7 @@ def load_causal_lm(name: str, dtype: str = "auto", device: str | None = None) ->
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype))
     except Exception as error:
-        raise SppoError(f"cannot load the model {name}: {str(error).strip().splitlines()[0]}") from error
+        raise SppoError(f"cannot load the model {name}: {first_line(error)}") from error
     return model.to(device or default_device())
 
 

@@ -20,7 +20,8 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2PreTrainedModel
 
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SppoError, first_line
+from sppo_cli.rank import sigmoid
 
 SOURCE_PREFIX = "<|source|>"
 CANDIDATE1_PREFIX = "<|candidate1|>"
@@ -197,7 +198,7 @@ def scores_from_logits(L: np.ndarray) -> np.ndarray:
 
 def pairwise_probabilities(L: np.ndarray) -> np.ndarray:
     """P[i][j] = sigmoid(L[i][j] - L[j][i]): LLM-Blender's compare() logit over both orders, through a sigmoid."""
-    return 0.5 * (1.0 + np.tanh((L - L.T) / 2.0))  # tanh form: no overflow in exp, and P[j][i] mirrors P[i][j]
+    return sigmoid(L - L.T)
 
 
 def _resolve_checkpoint(path_or_id: str) -> Path:
@@ -226,7 +227,7 @@ def _load_hf_layout(checkpoint_dir: Path, path_or_id: str) -> tuple[DebertaV2Pai
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         model, info = DebertaV2PairRM.from_pretrained(checkpoint_dir, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
-        raise SppoError(f"cannot load the PairRM checkpoint {path_or_id}: {_first_line(error)}") from error
+        raise SppoError(f"cannot load the PairRM checkpoint {path_or_id}: {first_line(error)}") from error
     _check_complete(sorted(info["missing_keys"]), path_or_id)
     expected = [model.config.source_prefix_id, model.config.cand1_prefix_id, model.config.cand2_prefix_id]
     if tokenizer.convert_tokens_to_ids(PREFIX_TOKENS[:3]) != expected:
@@ -245,7 +246,7 @@ def _load_blender_layout(
         tokenizer = AutoTokenizer.from_pretrained(model_name)
         config = AutoConfig.from_pretrained(model_name)
     except (OSError, ValueError, TypeError) as error:
-        raise SppoError(f"{path_or_id}: cannot load its backbone {model_name}: {_first_line(error)}") from error
+        raise SppoError(f"{path_or_id}: cannot load its backbone {model_name}: {first_line(error)}") from error
     tokenizer.add_tokens(PREFIX_TOKENS)  # as LLM-Blender does; a no-op when the tokenizer already has them
     source_id, cand1_id, cand2_id, cand_id = tokenizer.convert_tokens_to_ids(PREFIX_TOKENS)
     config.update({
@@ -258,7 +259,7 @@ def _load_blender_layout(
     try:
         missing = model.load_state_dict(_read_state_dict(checkpoint_dir, path_or_id), strict=False).missing_keys
     except RuntimeError as error:
-        raise SppoError(f"cannot load the PairRM checkpoint {path_or_id}: {_first_line(error)}") from error
+        raise SppoError(f"cannot load the PairRM checkpoint {path_or_id}: {first_line(error)}") from error
     _check_complete(missing, path_or_id)
     return model, tokenizer
 
@@ -267,10 +268,6 @@ def _check_complete(missing_keys: list[str], path_or_id: str) -> None:
     if missing_keys:
         missing = f"{len(missing_keys)} weights missing, e.g. {missing_keys[0]}"
         raise SppoError(f"{path_or_id} is not a complete PairRM checkpoint: {missing}")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _read_state_dict(checkpoint_dir: Path, path_or_id: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SppoError, first_line
 
 
 def device_groups(ranks: int, gpus_per_rank: int = 1) -> list[str | None]:
@@ -31,8 +31,8 @@ def _worker(work: Callable, assignment, devices: str | None, messages: multiproc
     try:
         work(assignment, lambda *counts: messages.put(("progress", *counts)))
     except Exception as error:  # reported to the parent, which prints one line instead of a worker's traceback
-        lines = str(error).strip().splitlines() or [""]
-        messages.put(("error", lines[0] if isinstance(error, SppoError) else f"{type(error).__name__}: {lines[0]}"))
+        line = first_line(error)
+        messages.put(("error", line if isinstance(error, SppoError) else f"{type(error).__name__}: {line}"))
     else:
         messages.put(("done",))
 

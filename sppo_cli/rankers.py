@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from sppo_cli.data import PROMPT, RESPONSES
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SppoError, first_line
 from sppo_cli.models import default_device, load_tokenizer, resolve_model
 from sppo_cli.pairrm import PairRM, pairwise_probabilities, scores_from_logits
 from sppo_cli.rank import Judgement, Ranker
@@ -91,7 +91,7 @@ class RewardModelRanker:
                 checkpoint, dtype=torch.bfloat16 if on_gpu else torch.float32
             )
         except Exception as error:
-            raise SppoError(f"cannot load the reward model {checkpoint}: {str(error).splitlines()[0]}") from error
+            raise SppoError(f"cannot load the reward model {checkpoint}: {first_line(error)}") from error
         if self.model.config.num_labels != 1:
             raise SppoError(f"{checkpoint} has {self.model.config.num_labels} outputs; a reward model has one")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id

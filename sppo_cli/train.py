@@ -22,8 +22,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
 from sppo_cli.data import (
@@ -69,6 +68,13 @@ def sppo_loss(
     raise SppoError(f"unknown loss {loss_type!r} (choose from {', '.join(SPPO_LOSSES)})")
 
 
+def check_loss(loss_type: list[str], beta: float) -> None:
+    if len(loss_type) != 1 or loss_type[0] not in SPPO_LOSSES:
+        raise SppoError(f"--loss must be one of {', '.join(SPPO_LOSSES)}, got {', '.join(loss_type)}")
+    if beta <= 0:
+        raise SppoError(f"--beta must be positive, got {beta}")
+
+
 @dataclass
 class SPPOConfig(DPOConfig):
     """DPOConfig with the SPPO paper's defaults (8 GPUs x 8 rows, RMSprop, lr 5e-7, 1 epoch, beta 1e-3)."""
@@ -100,10 +106,7 @@ class SPPOConfig(DPOConfig):
             PartialState(backend="gloo")
             self.accelerator_config = {"use_configured_state": True}
         super().__post_init__()
-        if len(self.loss_type) != 1 or self.loss_type[0] not in SPPO_LOSSES:
-            raise SppoError(f"--loss must be one of {', '.join(SPPO_LOSSES)}, got {', '.join(self.loss_type)}")
-        if self.beta <= 0:
-            raise SppoError(f"--beta must be positive, got {self.beta}")
+        check_loss(self.loss_type, self.beta)
 
 
 class _WithWinRates:
@@ -187,7 +190,20 @@ def to_trainer_format(rankings: Dataset) -> Dataset:
         return {"prompt": row[CHOSEN][:-1], CHOSEN: row[CHOSEN][-1:], REJECTED: row[REJECTED][-1:]}
 
     keep = {CHOSEN, REJECTED, *WIN_RATE_COLUMNS}
-    return rankings.map(split, remove_columns=[c for c in rankings.column_names if c not in keep])
+    # In memory: a map over a dataset loaded from disk would write cache files into the finished rankings directory.
+    return rankings.map(split, remove_columns=[c for c in rankings.column_names if c not in keep], keep_in_memory=True)
+
+
+def load_inputs(model: str, data: str) -> tuple[PreTrainedTokenizerBase, Dataset]:
+    """The tokenizer and the trainer-ready rankings; the checks a launcher runs before it starts the processes."""
+    tokenizer = load_tokenizer(resolve_model(model))
+    return tokenizer, to_trainer_format(load_rankings(data))
+
+
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest checkpoint that was fully written (trainer_state.json is saved last), if any."""
+    complete = [c for c in directory.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    return str(max(complete, key=lambda c: int(c.name.split("-")[-1]))) if complete else None
 
 
 def train(
@@ -205,12 +221,16 @@ def train(
     place and returns the manifest (the others return None). With `resume`, training continues from the last
     checkpoint of an interrupted run of the same output, if there is one.
     """
-    model = resolve_model(model)
-    tokenizer = load_tokenizer(model)
-    dataset = to_trainer_format(load_rankings(data))
+    tokenizer, dataset = load_inputs(model, data)
     state = PartialState()
     partial = partial_dir(output_dir)
-    checkpoint = get_last_checkpoint(str(partial)) if resume and partial.is_dir() else None
+    checkpoint = last_complete_checkpoint(partial)
+    if checkpoint and not resume:
+        raise SppoError(
+            f"{partial} holds checkpoints of an interrupted run: pass --resume to continue from them, "
+            "or delete it to start over"
+        )
+    state.wait_for_everyone()  # every process has looked before the main one clears the directory
     if state.is_main_process and checkpoint is None:
         shutil.rmtree(partial, ignore_errors=True)
     state.wait_for_everyone()
@@ -262,9 +282,9 @@ def train(
     return manifest
 
 
-def lora_config(rank: int, alpha: int, target_modules: str, dropout: float = 0.0) -> LoraConfig:
+def lora_config(rank: int, alpha: int, target_modules: str) -> LoraConfig:
     modules = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
 
 
 def _describe_lora(peft_config: LoraConfig | None) -> dict | None:

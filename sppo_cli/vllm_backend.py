@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SppoError, first_line
 from sppo_cli.generate import Completion, SamplingConfig
 from sppo_cli.models import resolve_model
 
@@ -80,5 +80,4 @@ def _message(error: Exception) -> str:
 
     if isinstance(error, ValidationError):
         return error.errors()[0]["msg"]
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return first_line(error)

@@ -141,3 +141,9 @@ def test_a_partial_directory_is_not_read_as_a_dataset(tmp_path):
     Dataset.from_list([{"prompt": "a"}]).save_to_disk(str(tmp_path / "g.partial"))
     with pytest.raises(SppoError, match="unfinished output of an interrupted run"):
         data.read_dataset(str(tmp_path / "g.partial"))
+
+
+def test_a_generations_directory_used_as_prompts_is_sampled_afresh(tmp_path):
+    rows = [{"prompt": "a", "prompt_text": "A", "responses": ["x", "y"], "answer": "1"}]
+    data.save_stage(Dataset.from_list(rows), tmp_path / "g", "generate", {}, {})
+    assert data.load_prompts(str(tmp_path / "g")).column_names == ["prompt", "answer"]

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sppo_cli.data import save_stage
-from sppo_cli.train import SPPOConfig, SPPOTrainer, lora_config, to_trainer_format, train
+from sppo_cli.errors import SppoError
+from sppo_cli.train import SPPOConfig, SPPOTrainer, last_complete_checkpoint, lora_config, to_trainer_format, train
 
 from conftest import REPO, run_cli
 from test_train import ROWS, first_batch, make_trainer, rankings, sequence_logp
@@ -164,3 +165,27 @@ def test_deepspeed_zero3_matches_the_plain_run(tmp_path, tiny_model, rankings_di
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     for (name, p), (_, q) in zip(trained.named_parameters(), plain.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_checkpoints_of_an_interrupted_run_are_never_silently_discarded(tmp_path, tiny_model, rankings_dir):
+    partial = tmp_path / "model.partial"
+    (partial / "checkpoint-3").mkdir(parents=True)
+    (partial / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (partial / "checkpoint-5").mkdir()  # a save cut short: no trainer_state.json, never resumed from
+    assert last_complete_checkpoint(partial) == str(partial / "checkpoint-3")
+    with pytest.raises(SppoError, match="holds checkpoints of an interrupted run: pass --resume"):
+        train(str(tiny_model), str(rankings_dir), tmp_path / "model", config())
+    assert (partial / "checkpoint-3").is_dir()
+
+
+def test_a_launched_process_never_replaces_an_existing_output(capsys, tmp_path, tiny_model, rankings_dir, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under accelerate launch or torchrun
+    code, err = run_cli(capsys, "train", "--model", tiny_model, "--data", rankings_dir, "--output", rankings_dir)
+    assert code == 1 and "already exists" in err
+    assert (rankings_dir / "manifest.json").exists()
+
+
+def test_training_leaves_the_rankings_directory_untouched(tmp_path, tiny_model, rankings_dir):
+    before = sorted(p.name for p in rankings_dir.iterdir())
+    train(str(tiny_model), str(rankings_dir), tmp_path / "model", config(precompute_ref_log_probs=True))
+    assert sorted(p.name for p in rankings_dir.iterdir()) == before
