@@ -9,7 +9,7 @@ import os
 import torch
 
 from sppo_cli.errors import SppoError, first_line
-from sppo_cli.generate import Completion, SamplingConfig
+from sppo_cli.backends import Completion, SamplingConfig
 from sppo_cli.models import resolve_model
 
 
