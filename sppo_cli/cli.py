@@ -107,7 +107,8 @@ def rank(
     ranker: Annotated[
         str,
         typer.Option(
-            help="PairRM checkpoint (directory or hub id), reward-model:PATH_OR_ID, rule:math, or python:module:function."
+            help="PairRM checkpoint (directory or hub id), reward-model:PATH_OR_ID, rule:math, "
+            "or python:module:function."
         ),
     ] = "llm-blender/PairRM",
     probability_mode: Annotated[str, typer.Option(help="PairRM: scores (published) or pairwise.")] = "scores",
@@ -115,7 +116,8 @@ def rank(
     source_max_length: Annotated[int, typer.Option(help="PairRM: prompt tokens kept (LLM-Blender's).")] = 1224,
     candidate_max_length: Annotated[int, typer.Option(help="PairRM: response tokens kept (LLM-Blender's).")] = 412,
     batch_size: Annotated[
-        int | None, typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass [32 on GPU, 2 on CPU].")
+        int | None,
+        typer.Option(help="Pairs (PairRM) or responses (reward model) per forward pass [32 on GPU, 2 on CPU]."),
     ] = None,
     data_parallel_size: Annotated[int, typer.Option(help="Ranker replicas, one worker process (GPU) each.")] = 1,
     overwrite: Overwrite = False,
@@ -162,7 +164,7 @@ def train(
     deepspeed: Annotated[str | None, typer.Option(help="DeepSpeed config, e.g. recipes/deepspeed/zero3.json.")] = None,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (for --resume).")] = 200,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
-    report_to: Annotated[str, typer.Option(help="tensorboard, wandb, none, or a comma-separated list.")] = "tensorboard",
+    report_to: Annotated[str, typer.Option(help="tensorboard, wandb, none, or comma-separated.")] = "tensorboard",
     seed: Seed = 42,
     overwrite: Overwrite = False,
 ):

@@ -279,7 +279,7 @@ def _read_state_dict(checkpoint_dir: Path, path_or_id: str) -> dict[str, torch.T
 
 
 def build_tiny_pairrm(output_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random tiny PairRM-hf checkpoint (DeBERTa-v3-style backbone, offline tokenizer); deterministic in seed."""
+    """Write a random tiny PairRM-hf checkpoint (DeBERTa-v3-style backbone, offline tokenizer), deterministic."""
     output_dir = Path(output_dir)
     tokenizer = DebertaV2Tokenizer(vocab=_tiny_unigram_vocab(), unk_id=3)
     tokenizer.add_tokens(PREFIX_TOKENS)

@@ -21,7 +21,8 @@ def device_groups(ranks: int, gpus_per_rank: int = 1) -> list[str | None]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     if ranks * gpus_per_rank > len(devices):
-        raise SppoError(f"{ranks} data-parallel workers x {gpus_per_rank} GPU(s) need more than the {len(devices)} visible")
+        needed = f"{ranks} data-parallel workers x {gpus_per_rank} GPU(s)"
+        raise SppoError(f"{needed} need more than the {len(devices)} GPUs visible")
     return [",".join(devices[rank * gpus_per_rank : (rank + 1) * gpus_per_rank]) for rank in range(ranks)]
 
 

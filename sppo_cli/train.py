@@ -44,6 +44,7 @@ from sppo_cli.errors import SppoError
 from sppo_cli.models import load_tokenizer, resolve_model
 
 SPPO_LOSSES = ("sppo", "sppo_single", "sppo_hard")
+RUN_FILE = "run.json"  # the settings of an unfinished run, so that --resume continues only the same run
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *WIN_RATE_COLUMNS}
 
 
@@ -223,6 +224,22 @@ def train(
     """
     tokenizer, dataset = load_inputs(model, data)
     state = PartialState()
+    inputs = {"model": model, "data": str(data)}
+    parameters = {
+        "loss": config.loss_type[0],
+        "beta": config.beta,
+        "learning_rate": config.learning_rate,
+        "epochs": config.num_train_epochs,
+        "per_device_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "num_processes": state.num_processes,
+        "max_length": config.max_length,
+        "precompute_ref_log_probs": config.precompute_ref_log_probs,
+        "lora": _describe_lora(peft_config),
+        "load_in_4bit": load_in_4bit,
+        "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else bool(config.deepspeed),
+        "seed": config.seed,
+    }
     partial = partial_dir(output_dir)
     checkpoint = last_complete_checkpoint(partial)
     if checkpoint and not resume:
@@ -230,9 +247,13 @@ def train(
             f"{partial} holds checkpoints of an interrupted run: pass --resume to continue from them, "
             "or delete it to start over"
         )
+    if checkpoint:
+        _check_same_run(partial / RUN_FILE, {**inputs, **parameters})
     state.wait_for_everyone()  # every process has looked before the main one clears the directory
     if state.is_main_process and checkpoint is None:
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        (partial / RUN_FILE).write_text(json.dumps({**inputs, **parameters}, indent=1) + "\n")
     state.wait_for_everyone()
 
     config.output_dir = str(partial)  # checkpoints and tensorboard logs (partial/runs) land here
@@ -254,25 +275,12 @@ def train(
     for saved in partial.glob("checkpoint-*"):
         shutil.rmtree(saved)
     (partial / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+    (partial / RUN_FILE).unlink()
     manifest = write_manifest(
         partial,
         stage="train",
-        inputs={"model": model, "data": str(data)},
-        parameters={
-            "loss": config.loss_type[0],
-            "beta": config.beta,
-            "learning_rate": config.learning_rate,
-            "epochs": config.num_train_epochs,
-            "per_device_batch_size": config.per_device_train_batch_size,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "num_processes": state.num_processes,
-            "max_length": config.max_length,
-            "precompute_ref_log_probs": config.precompute_ref_log_probs,
-            "lora": _describe_lora(peft_config),
-            "load_in_4bit": load_in_4bit,
-            "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else bool(config.deepspeed),
-            "seed": config.seed,
-        },
+        inputs=inputs,
+        parameters=parameters,
         rows=len(dataset),
         steps=result.global_step,
         train_loss=result.training_loss,
@@ -280,6 +288,21 @@ def train(
     )
     finish_output(partial, output_dir)
     return manifest
+
+
+def _check_same_run(run_file: Path, settings: dict) -> None:
+    """A checkpoint is only resumed by the run that wrote it: same model, data and training settings."""
+    try:
+        previous = json.loads(run_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        message = f"{run_file.parent} has checkpoints but no readable {RUN_FILE}: delete it to start over"
+        raise SppoError(message) from None
+    changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
+    if changed:
+        raise SppoError(
+            f"--resume: the checkpoints in {run_file.parent} come from a run with other settings "
+            f"({', '.join(changed)}); use the same arguments, or delete it to start over"
+        )
 
 
 def lora_config(rank: int, alpha: int, target_modules: str) -> LoraConfig:

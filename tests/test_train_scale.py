@@ -108,9 +108,12 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_model, ranking
     assert (partial / "checkpoint-2").is_dir() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(SPPOTrainer, "training_step", original)
 
+    with pytest.raises(SppoError, match=r"come from a run with other settings \(learning_rate\)"):
+        train(str(tiny_model), str(rankings_dir), tmp_path / "resumed", config(**steps, learning_rate=0.5), resume=True)
     manifest = train(str(tiny_model), str(rankings_dir), tmp_path / "resumed", config(**steps), resume=True)
     assert manifest["resumed_from"] == "checkpoint-2" and manifest["steps"] == 4
     assert not partial.exists() and not list((tmp_path / "resumed").glob("checkpoint-*"))
+    assert not (tmp_path / "resumed" / "run.json").exists()
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed")
     straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight")
     for (name, p), (_, q) in zip(resumed.named_parameters(), straight.named_parameters()):
