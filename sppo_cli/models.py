@@ -11,11 +11,14 @@ from sppo_cli.errors import SppoError, first_line
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether a name that is not a local directory may be looked up on the hub: never a path-like one."""
+    return not Path(name).exists() and bool(_HUB_ID.match(name)) and not name.startswith(".")
+
+
 def resolve_model(name: str) -> str:
     """A local directory, or a hub id; a path-like name that does not exist is an error, never a hub lookup."""
-    if Path(name).is_dir():
-        return name
-    if Path(name).exists() or not _HUB_ID.match(name) or name.startswith("."):
+    if not Path(name).is_dir() and not is_hub_id(name):
         raise SppoError(f"model not found: {name} (expected a model directory or a hub id)")
     return name
 

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer, DebertaV2Config, DebertaV2Mo
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2PreTrainedModel
 
 from sppo_cli.errors import SppoError, first_line
+from sppo_cli.models import is_hub_id
 from sppo_cli.rank import sigmoid
 
 SOURCE_PREFIX = "<|source|>"
@@ -205,7 +206,7 @@ def _resolve_checkpoint(path_or_id: str) -> Path:
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or path_or_id.count("/") != 1 or path_or_id.startswith((".", "/", "~")):
+    if not is_hub_id(path_or_id):
         raise SppoError(f"PairRM checkpoint not found: there is no directory {path_or_id}")
     try:
         return Path(snapshot_download(path_or_id))
