@@ -171,7 +171,8 @@ def test_a_rerun_is_done_at_once_and_other_settings_are_refused_with_what_differ
     assert run_cli(capsys, *args)[0] == 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")}
     # how it runs, not what it computes; and options a plug-in never reads
-    code, err = run_cli(capsys, *args, "--ranker-batch-size", "7", "--shard-size", "1", "--probability-mode", "pairwise")
+    code, err = run_cli(capsys, *args, "--ranker-batch-size", "7", "--shard-size", "1",
+                        "--probability-mode", "pairwise")  # fmt: skip
     assert code == 0 and "already done" in err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")} == before  # not touched
     code, err = run_cli(capsys, *args[:-1], "python:my_rankers:rock_paper_scissors")

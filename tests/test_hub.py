@@ -7,7 +7,6 @@ import datasets
 import huggingface_hub
 import pytest
 import yaml
-from datasets import Dataset
 
 from sppo_cli import hub as publishing
 from sppo_cli.config import EvalConfig, GenerateConfig, RankConfig, TrainConfig
@@ -73,7 +72,8 @@ def test_datasets_go_as_parquet_with_a_card_and_load_back_into_sppo_train(hub, o
     assert "python:plugin_rankers:by_length" in card and "| pairs |" in card and "arXiv 2405.00675" in card
     assert content_digest(outputs / "rankings") == before  # nothing local changed
     published = datasets.load_dataset("org/tiny-rankings-iter1", split="train")
-    assert {"chosen", "rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"} <= set(published.column_names)
+    published_format = {"chosen", "rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"}
+    assert published_format <= set(published.column_names)
     manifest, _ = train(str(tiny_model), "org/tiny-rankings-iter1", tmp_path / "model",
                         TrainConfig(per_device_train_batch_size=2, report_to="none", gradient_checkpointing=False))
     assert manifest["identity"]["inputs"]["data"].startswith("hub:org/tiny-rankings-iter1@")  # its commit

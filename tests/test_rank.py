@@ -152,8 +152,8 @@ def test_every_column_of_the_generations_is_kept_as_it_is(tmp_path):
 
     from datasets import Features, Value
 
-    rows = [{"prompt": p, "prompt_text": p.upper(), "responses": ["x", "xxx"], "when": datetime.datetime(2026, 1, i + 1),
-             "weight": 0.25 * i} for i, p in enumerate(["a", "b"])]  # fmt: skip
+    rows = [{"prompt": p, "prompt_text": p.upper(), "responses": ["x", "xxx"],
+             "when": datetime.datetime(2026, 1, i + 1), "weight": 0.25 * i} for i, p in enumerate(["a", "b"])]  # fmt: skip
     features = Features({"prompt": Value("string"), "prompt_text": Value("string"), "responses": [Value("string")],
                          "when": Value("timestamp[s]"), "weight": Value("float32")})  # fmt: skip
     rankings, _ = rank(Dataset.from_list(rows, features=features), tmp_path)

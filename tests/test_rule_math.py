@@ -68,14 +68,16 @@ def test_normalize_is_idempotent():
 # (answer, reference, equivalent): the corpus rule:math is cross-checked on against math-verify, the checker trl's
 # accuracy reward uses
 CORPUS = [
-    ("\\sqrt{2}", "\\sqrt{2}", True), ("2^{1/2}", "\\sqrt{2}", True), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
+    ("\\sqrt{2}", "\\sqrt{2}", True), ("2^{1/2}", "\\sqrt{2}", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
     ("2\\sqrt{3}", "\\sqrt{12}", True), ("\\sqrt[3]{8}", "2", True), ("\\sqrt{3}", "1.732", False),
     ("\\pi", "\\pi", True), ("π", "\\pi", True), ("2\\pi", "\\pi \\cdot 2", True), ("\\frac{\\pi}{2}", "\\pi/2", True),
     ("3.14", "\\pi", False), ("2\\pi", "\\pi", False),
     ("50\\%", "50", True), ("50\\%", "0.5", True), ("25\\%", "0.5", False),
     ("(1, 2]", "(1,2]", True), ("(1, 2]", "[1, 2]", False), ("[-1, \\infty)", "[-1,\\infty)", True),
     ("(-\\infty, 0)", "(-\\infty, 0]", False),
-    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}", True), ("\\{1, 2\\}", "\\{1, 3\\}", False), ("\\{1, 2\\}", "\\{1, 2, 3\\}", False),
+    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}", True), ("\\{1, 2\\}", "\\{1, 3\\}", False),
+    ("\\{1, 2\\}", "\\{1, 2, 3\\}", False),
     ("(1, 2)", "(1,2)", True), ("(2, 1)", "(1, 2)", False), ("(1, \\frac{1}{2})", "(1, 0.5)", True),
     ("1.5 \\times 10^{3}", "1500", True), ("3 \\times 10^{-2}", "0.03", True), ("2 \\times 10^{3}", "200", False),
     ("2\\frac{1}{2}", "\\frac{5}{2}", True), ("2 \\frac{1}{2}", "2.5", True), ("3\\frac{1}{4}", "3.5", False),

@@ -201,7 +201,8 @@ def test_training_conditions_on_exactly_the_prompt_text_that_was_sampled_from(tm
     from sppo_cli.generate import sample
     from sppo_cli.rank import rank_all
 
-    prompts = Dataset.from_list([{"prompt": f"Question {i}?", "conversation": [{"role": "user", "content": f"Question {i}?"}]}
+    prompts = Dataset.from_list([{"prompt": f"Question {i}?",
+                                  "conversation": [{"role": "user", "content": f"Question {i}?"}]}
                                  for i in range(4)])  # fmt: skip
     config = GenerateConfig(num_samples=3, max_new_tokens=6, backend="transformers")
     generations, _ = sample(str(clock_model), prompts, config, tmp_path / "g")

@@ -34,7 +34,8 @@ def test_k_samples_from_the_same_prompt_tokens_as_the_transformers_backend(tmp_p
     transformers, _ = sample(str(tiny_model), data, CONFIG, tmp_path / "transformers")
 
     assert (
-        generations["prompt_text"] == transformers["prompt_text"] == [chat_prompt(tokenizer, m) for m in data["conversation"]]
+        generations["prompt_text"] == transformers["prompt_text"]
+        == [chat_prompt(tokenizer, m) for m in data["conversation"]]
     )
     token_ids = [encode_chat_prompt(tokenizer, text) for text in generations["prompt_text"]]
     assert [request["prompt_token_ids"] for request in requests] == token_ids

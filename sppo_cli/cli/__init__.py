@@ -24,11 +24,8 @@ app.command()(train.train)
 app.command()(eval.eval)
 app.command()(report.report)
 app.command()(push.push)
-app.command("tiny-model")(tiny.tiny_model)
-app.command("tiny-pairrm")(tiny.tiny_pairrm)
-app.command("tiny-reward-model")(tiny.tiny_reward_model)
-app.command("tiny-math-model")(tiny.tiny_math_model)
-app.command("tiny-math-prompts")(tiny.tiny_math_prompts)
+for kind in tiny.BUILDS:
+    app.command(kind)(tiny.build_command(kind))
 
 
 def _user_message(error: SppoError) -> str:

@@ -1,5 +1,6 @@
-"""The tiny offline models the demo and the tests are built on."""
+"""The tiny offline models and data the demo and the tests are built on."""
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -8,40 +9,25 @@ from sppo_cli.cli.options import parameter, report, stage_command
 from sppo_cli.config import TinyConfig
 
 OUTPUT = parameter("output", Annotated[str, typer.Argument(help="Directory to write.")])
+BUILDS = {
+    "tiny-model": "Build a tiny random Llama with its own tokenizer and chat template (offline).",
+    "tiny-pairrm": "Build a tiny random PairRM checkpoint (PairRM-hf layout, offline).",
+    "tiny-reward-model": "Build a tiny random scalar reward model sharing the tiny model's tokenizer (offline).",
+    "tiny-math-model": "Pretrain the demo's tiny policy on single-digit addition, right a quarter of the time "
+    "(offline, ~40 s).",
+    "tiny-math-prompts": "Write the demo's prompt sets: heldout.jsonl and disjoint iter1.jsonl, iter2.jsonl, ... "
+    "(with answers).",
+}
 
 
-def _build(kind: str, config: TinyConfig, output, overwrite: bool, verbose: bool) -> None:
-    from sppo_cli.tiny import build
+def build_command(kind: str) -> Callable:
+    """The command that builds `kind` as a stage (atomic, with a manifest; done once per seed)."""
 
-    _, done = build(kind, output, config, overwrite, verbose)
-    report(output, done, kind)
+    def build(config: TinyConfig, output, overwrite: bool, verbose: bool):
+        from sppo_cli.tiny import build as run
 
+        _, done = run(kind, output, config, overwrite, verbose)
+        report(output, done, kind)
 
-@stage_command(TinyConfig, output=OUTPUT, publishable=False)
-def tiny_model(config: TinyConfig, output, overwrite: bool, verbose: bool):
-    """Build a tiny random Llama with its own tokenizer and chat template (offline)."""
-    _build("tiny-model", config, output, overwrite, verbose)
-
-
-@stage_command(TinyConfig, output=OUTPUT, publishable=False)
-def tiny_pairrm(config: TinyConfig, output, overwrite: bool, verbose: bool):
-    """Build a tiny random PairRM checkpoint (PairRM-hf layout, offline)."""
-    _build("tiny-pairrm", config, output, overwrite, verbose)
-
-
-@stage_command(TinyConfig, output=OUTPUT, publishable=False)
-def tiny_reward_model(config: TinyConfig, output, overwrite: bool, verbose: bool):
-    """Build a tiny random scalar reward model sharing the tiny model's tokenizer (offline)."""
-    _build("tiny-reward-model", config, output, overwrite, verbose)
-
-
-@stage_command(TinyConfig, output=OUTPUT, publishable=False)
-def tiny_math_model(config: TinyConfig, output, overwrite: bool, verbose: bool):
-    """Pretrain the demo's tiny policy on single-digit addition, right a quarter of the time (offline, ~40 s)."""
-    _build("tiny-math-model", config, output, overwrite, verbose)
-
-
-@stage_command(TinyConfig, output=OUTPUT, publishable=False)
-def tiny_math_prompts(config: TinyConfig, output, overwrite: bool, verbose: bool):
-    """Write the demo's prompt sets: heldout.jsonl and disjoint iter1.jsonl, iter2.jsonl, ... (with answers)."""
-    _build("tiny-math-prompts", config, output, overwrite, verbose)
+    build.__name__, build.__doc__ = kind.replace("-", "_"), BUILDS[kind]
+    return stage_command(TinyConfig, output=OUTPUT, publishable=False)(build)
