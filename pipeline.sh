@@ -131,8 +131,10 @@ for ((t = 1; t <= iterations; t++)); do
   publish "$dir/generations" "$hub-generations-iter$t"
   publish "$dir/rankings" "$hub-rankings-iter$t"
   if [[ -n $hub ]]; then
-    base=()  # the card's base model: the one before, on the hub; the first iteration's when --model is a hub id
-    if ((t > 1)); then read -r base_repo _ <<< "$(model_repo $((t - 1)))"; base=(--base-model "$base_repo")
+    # the card's base model: the iteration before, in its own repository; else --model, when that is a hub id (one
+    # repository with a revision per iteration cannot name its own earlier revision as a base model)
+    base=()
+    if ((t > 1)) && [[ -z $per_revision ]]; then base=(--base-model "$hub-SPPO-Iter$((t - 1))")
     elif [[ ! -e $model ]]; then base=(--base-model "$model"); fi
     # shellcheck disable=SC2046 # model_repo's words are the repository and, per revision, its --revision
     publish "$policy" $(model_repo "$t") --dataset "$hub-rankings-iter$t" ${base[@]+"${base[@]}"} ${evals[@]+"${evals[@]}"}

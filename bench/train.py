@@ -32,7 +32,7 @@ def reply(prompt: str, response: str) -> list[dict[str, str]]:
 def rankings(rows: int, response_tokens: int):
     from datasets import Dataset
 
-        from sppo_cli.tiny import corpus
+    from sppo_cli.tiny import corpus
 
     lines = corpus()
     words = " ".join(lines).split()

@@ -19,15 +19,18 @@ TRAINING_SETTINGS = ("loss", "beta", "learning_rate", "num_train_epochs", "per_d
 SAMPLING_SETTINGS = ("num_samples", "temperature", "top_p", "max_new_tokens", "min_new_tokens", "stop",
                      "repetition_penalty", "presence_penalty", "seed", "system_prompt", "chat_template")  # fmt: skip
 COUNTS = ("rows", "prompts", "samples", "skipped_too_long", "pairs", "tied_prompts", "comparisons", "steps",
-          "dropped_prompt_too_long", "truncated_responses", "correct_responses", "judged_responses")  # fmt: skip
+          "dropped_prompt_too_long", "truncated_responses", "truncated_conversations", "correct_responses",
+          "judged_responses")  # fmt: skip
 
 
 def model_card(manifest: dict, name: str, base_model: str | None = None, datasets: list[str] = (),
                evals: list[dict] = (), license: str | None = None) -> str:  # fmt: skip
-    """The card of a model `sppo train` made. `base_model` is the hub id it started from (its manifest's input when
-    that was one); `evals` are `sppo eval` manifests of this model, which become its model-index."""
-    started_from = manifest["inputs"].get("model", "")
+    """The card of a model `sppo train` made. `base_model` is the hub id it started from and `datasets` those of its
+    training data (by default its manifest's inputs, where they were hub ids); `evals` are `sppo eval` manifests of
+    this model, which become its model-index."""
+    started_from, data_from = manifest["inputs"].get("model", ""), str(manifest["inputs"].get("data", ""))
     base_model = base_model or (started_from if is_hub_id(started_from) else None)
+    datasets = list(datasets) or ([data_from] if is_hub_id(data_from) else [])
     data = ModelCardData(base_model=base_model, datasets=list(datasets) or None, tags=["sppo", "trl"],
                          license=license, library_name="transformers", model_name=name,
                          eval_results=[result for e in evals for result in _eval_results(e)] or None)  # fmt: skip
@@ -56,9 +59,12 @@ def dataset_card(manifest: dict, name: str) -> str:
     stage, parameters = manifest["stage"], manifest["parameters"]
     files = [{"split": "train", "path": "data/*.parquet"}]
     data = DatasetCardData(tags=["sppo", f"sppo-{stage}"], configs=[{"config_name": "default", "data_files": files}])
-    what = {"generate": "responses sampled from a policy", "rank": "rankings in the published SPPO training format "
-            "(chosen, rejected, chosen_probs, chosen_probs_win, chosen_probs_lose)",
-            "eval": "an evaluation: responses of a model and a baseline, and the judge's verdicts"}.get(stage, stage)
+    what = {
+        "generate": "responses sampled from a policy",
+        "rank": "rankings in the published SPPO training format "
+        "(chosen, rejected, chosen_probs, chosen_probs_win, chosen_probs_lose)",
+        "eval": "an evaluation: responses of a model and a baseline, and the judge's verdicts",
+    }.get(stage, stage)
     inputs = {f"{key}": f"`{source}` ({manifest.get('identity', {}).get('inputs', {}).get(key, '')})"
               for key, source in manifest["inputs"].items()}  # fmt: skip
     settings = {key: parameters[key] for key in (*SAMPLING_SETTINGS, "ranker", "probability_mode", "answer_column")
@@ -78,12 +84,14 @@ def dataset_card(manifest: dict, name: str) -> str:
 
 
 def _eval_results(manifest: dict) -> list[EvalResult]:
-    prompts = manifest["inputs"].get("prompts") or manifest["inputs"].get("baseline", "held-out prompts")
+    """The model-index entries of an evaluation: its prompts by hub id, or as local held-out prompts (never a path)."""
+    prompts = str(manifest["inputs"].get("prompts") or "")
+    dataset = prompts if is_hub_id(prompts) else None
     metrics = manifest.get("metrics", {})
     names = {"win_rate": "win rate against the baseline", "lc_win_rate": "length-controlled win rate",
              "accuracy": "accuracy (rule:math)"}  # fmt: skip
-    return [EvalResult(task_type="text-generation", dataset_type=Path(str(prompts)).name, dataset_name=str(prompts),
-                       metric_type=key, metric_name=label, metric_value=round(metrics[key], 4))
+    return [EvalResult(task_type="text-generation", dataset_type=dataset or "local", dataset_name=dataset or
+                       "held-out prompts", metric_type=key, metric_name=label, metric_value=round(metrics[key], 4))
             for key, label in names.items() if metrics.get(key) is not None]  # fmt: skip
 
 

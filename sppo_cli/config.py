@@ -104,8 +104,16 @@ class SamplingOptions(Settings):
     min_new_tokens: int = setting(0, "Fewest tokens per response.", at_least=0)
     stop: list[str] = setting([], "A string that ends a response (repeat for several); it is left out of it.")
     repetition_penalty: float = setting(1.0, "Penalty on tokens already in the prompt or response (1: none).", above=0)
-    presence_penalty: float = setting(0.0, "Penalty on tokens already in the response (vllm backend; 0: none).")
+    presence_penalty: float = setting(0.0, "Penalty on tokens already in the response (vllm backend; 0: none).",
+                                      at_least=-2, at_most=2)  # fmt: skip
     seed: int = setting(42, "Random seed; every prompt draws its own seed from it and its row.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if "" in self.stop:
+            raise SettingError("stop", "must not be empty (it would end every response at once)")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SettingError("min_new_tokens", f"must be at most max_new_tokens ({self.max_new_tokens})")
 
     def distribution(self) -> dict:
         """The settings that shape the distribution responses are drawn from (all but how many and the seed)."""
@@ -144,8 +152,8 @@ class GenerateConfig(WorkOptions, EngineOptions, SamplingOptions, PromptOptions)
             raise SettingError("tensor_parallel_size", "needs the vllm backend")
         if self.presence_penalty and self.backend == "transformers":
             raise SettingError("presence_penalty", "needs the vllm backend (transformers has no presence penalty)")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise SettingError("min_new_tokens", f"must be at most max_new_tokens ({self.max_new_tokens})")
+        if self.stop and self.min_new_tokens and self.backend == "transformers":  # vLLM looks for them after it
+            raise SettingError("stop", "with min_new_tokens needs the vllm backend (transformers would stop before)")
 
     def identity(self) -> dict:
         settings = super().identity()
@@ -207,12 +215,21 @@ class TrackingOptions(Settings):
                                    "WANDB_RUN_GROUP groups the runs).", identity=False)  # fmt: skip
 
 
+EVAL_TRACKERS = ("tensorboard", "wandb", "none")
+
+
 @dataclass(frozen=True)
 class EvalConfig(TrackingOptions, GenerateConfig, RankerOptions):
     """`sppo eval`: the model's responses judged against a baseline's, on the same prompts."""
 
     num_samples: int = setting(1, "Responses per prompt from each side; the i-th of the model is judged against the "
                                "i-th of the baseline.", at_least=1, short="-k")  # fmt: skip
+
+    def __post_init__(self):
+        super().__post_init__()
+        for tracker in self.report_to.split(","):
+            if tracker.strip() not in EVAL_TRACKERS:
+                raise SettingError("report_to", f"names {tracker!r}: evaluations log to {', '.join(EVAL_TRACKERS)}")
 
     def identity(self) -> dict:
         settings = super().identity()

@@ -37,6 +37,8 @@ SCORES = "scores"
 PROBABILITY = "probability"
 
 MANIFEST = "manifest.json"
+SAMPLED_CHAT_TEMPLATE = "sampled_chat_template"  # a rank manifest's: the --chat-template its responses were sampled
+# with (the content's fingerprint; None: the model's own), which training must use too
 PARTIAL_SUFFIX = ".partial"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

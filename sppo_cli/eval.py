@@ -16,10 +16,11 @@ import numpy as np
 from datasets import Dataset
 
 from sppo_cli.config import EvalConfig, RankerOptions
-from sppo_cli.data import MANIFEST, PROMPT, PROMPT_TEXT, RESPONSE_TOKENS, RESPONSES, load_prompts, load_stage
+from sppo_cli.data import CONVERSATION, MANIFEST, PROMPT_TEXT, RESPONSE_TOKENS, RESPONSES, load_prompts, load_stage
 from sppo_cli.data import published, read_manifest
 from sppo_cli.errors import SppoError
 from sppo_cli.generate import check_engine, sample
+from sppo_cli.identity import template_fingerprint
 from sppo_cli.logs import ProgressBar
 from sppo_cli.metrics import length_controlled_win_rate, mean_interval, wilson_interval
 from sppo_cli.models import resolve_model
@@ -46,15 +47,17 @@ def read_responses(source: str, config: EvalConfig) -> Dataset | None:
     if manifest.get("stage") not in ("generate", "eval"):  # a model: a hub id, a directory, or sppo train's output
         resolve_model(source)
         return None
-    sampled = manifest.get("parameters", {})
-    changed = [f"{name} {sampled.get(name)!r}" for name, value in config.distribution().items()
-               if sampled.get(name, value) != value]  # fmt: skip
+    template = manifest.get("identity", {}).get("inputs", {}).get("chat_template")
+    sampled = {**manifest.get("parameters", {}), "chat_template": template}
+    wanted = {**config.distribution(), "system_prompt": config.system_prompt,
+              "chat_template": template_fingerprint(config.chat_template)}  # fmt: skip
+    changed = [f"{name} {sampled.get(name)!r}" for name, value in wanted.items() if sampled.get(name, value) != value]
     if changed:
         raise SppoError(f"{source} was sampled with {', '.join(changed)}: evaluate with the settings its responses "
                         "were drawn with, or sample it again")  # fmt: skip
     count = config.num_samples
     data = load_stage(source)[0]
-    missing = [c for c in (PROMPT, RESPONSES, RESPONSE_TOKENS) if c not in data.column_names]
+    missing = [c for c in (CONVERSATION, RESPONSES, RESPONSE_TOKENS) if c not in data.column_names]
     if missing:
         raise SppoError(f"{source} has no {', '.join(missing)} column(s): re-generate it with this version of sppo")
     fewest = min(map(len, data[RESPONSES]))
@@ -80,10 +83,10 @@ def eval_prompts(model_side: Dataset | None, baseline_side: Dataset | None, prom
         data = sampled[0].remove_columns([c for c in _SAMPLED if c in sampled[0].column_names])
         others = [(side, "the other side") for side in sampled[1:]]
         others += [(given, "--prompts")] if given is not None else []
-        for other, name in others:
-            if other[PROMPT] != data[PROMPT]:
-                raise SppoError(f"the responses to compare answer other prompts than {name}: evaluate both sides "
-                                "on the same prompts")  # fmt: skip
+        for other, name in others:  # the same conversations, system turns included
+            if other[CONVERSATION] != data[CONVERSATION]:
+                raise SppoError(f"the responses to compare answer other conversations than {name}: evaluate "
+                                "both sides on the same prompts, with the same system prompt")  # fmt: skip
     return data.add_column(ROW, list(range(len(data))))
 
 

@@ -3,7 +3,8 @@
 A model goes as it is saved (the merged weights of a LoRA run, its adapter only if asked) with a model card; a
 dataset goes as Parquet under `data/` with a dataset card, so that `datasets.load_dataset(repo_id)` and the
 authors' training script read it; both carry `manifest.json`, which lets sppo read them back as finished outputs and
-skip a push the hub already has. Repositories are private unless `public`. The token is huggingface_hub's: HF_TOKEN,
+skip a push the hub already has (the same manifest and card); the log stays local. Repositories are private unless
+`public`, and an existing repository of the other visibility is refused rather than changed. The token is huggingface_hub's: HF_TOKEN,
 or `hf auth login`. The upload is huggingface_hub's `upload_folder` (files the hub already has are not sent again),
 retried on transient errors; a failure is one line and leaves the local output as it was.
 """
@@ -18,8 +19,9 @@ from pathlib import Path
 from sppo_cli.cards import dataset_card, license_of, model_card
 from sppo_cli.data import MANIFEST, load_stage, read_manifest
 from sppo_cli.errors import SppoError, first_line
-from sppo_cli.logs import logger
+from sppo_cli.logs import LOG_NAME, logger
 
+CARD = "README.md"
 MODEL_STAGES = {"train", "tiny-model", "tiny-math-model", "tiny-pairrm", "tiny-reward-model"}
 ATTEMPTS, BACKOFF = 4, 2.0  # seconds before the second attempt; doubled each time
 
@@ -45,7 +47,7 @@ def push(directory: str | Path, repo_id: str, public: bool = False, revision: st
             _stage_model(directory, folder, card, include_adapter)
         else:
             _stage_dataset(directory, folder, dataset_card(manifest, repo_id.split("/")[-1]))
-        return _with_retries(repo_id, lambda: _upload(api, folder, repo_id, kind, public, revision, manifest))
+        return _with_retries(repo_id, lambda: _upload(api, folder, repo_id, kind, public, revision))
 
 
 def _stage_model(directory: Path, folder: Path, card: str, include_adapter: bool) -> None:
@@ -56,9 +58,9 @@ def _stage_model(directory: Path, folder: Path, card: str, include_adapter: bool
         except OSError:  # another file system
             shutil.copy2(source, target)
 
-    ignored = shutil.ignore_patterns("README.md", *([] if include_adapter else ["adapter"]))
+    ignored = shutil.ignore_patterns(CARD, LOG_NAME, *([] if include_adapter else ["adapter"]))
     shutil.copytree(directory, folder, copy_function=link, ignore=ignored)
-    (folder / "README.md").write_text(card)
+    (folder / CARD).write_text(card)
 
 
 def _stage_dataset(directory: Path, folder: Path, card: str) -> None:
@@ -66,29 +68,33 @@ def _stage_dataset(directory: Path, folder: Path, card: str) -> None:
     (folder / "data").mkdir(parents=True)
     data.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
     shutil.copy2(directory / MANIFEST, folder / MANIFEST)
-    (folder / "README.md").write_text(card)
+    (folder / CARD).write_text(card)
 
 
-def _upload(api, folder: Path, repo_id: str, kind: str, public: bool, revision: str | None, manifest: dict) -> str:
-    api.create_repo(repo_id, repo_type=kind, private=not public, exist_ok=True)
+def _upload(api, folder: Path, repo_id: str, kind: str, public: bool, revision: str | None) -> str:
+    api.create_repo(repo_id, repo_type=kind, private=not public, exist_ok=True)  # an existing one keeps its own
+    if api.repo_info(repo_id, repo_type=kind).private == public:
+        raise SppoError(f"{repo_id} exists and is public: push to it with --public, or make it private on the hub"
+                        if not public else f"{repo_id} exists and is private, and --public does not change that: "
+                        "make it public on the hub, or push without --public")  # fmt: skip
     if revision:
         api.create_branch(repo_id, repo_type=kind, branch=revision, exist_ok=True)
-    if _published(api, repo_id, kind, revision) == manifest:
+    if all(_published(api, repo_id, kind, revision, name) == (folder / name).read_text() for name in (MANIFEST, CARD)):
         return f"already published at {repo_id}" + (f"@{revision}" if revision else "")
+    manifest = json.loads((folder / MANIFEST).read_text())
     commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=kind, revision=revision,
                                commit_message=f"sppo {manifest['stage']}: {manifest.get('created', '')}")  # fmt: skip
     return f"pushed to {commit.commit_url}"
 
 
-def _published(api, repo_id: str, kind: str, revision: str | None) -> dict | None:
-    """The manifest the repository holds, if any: the same one means this very output is published."""
+def _published(api, repo_id: str, kind: str, revision: str | None, name: str) -> str | None:
+    """A file the repository holds, if any: the same manifest and card mean this very output is published."""
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        path = api.hf_hub_download(repo_id, MANIFEST, repo_type=kind, revision=revision)
+        return Path(api.hf_hub_download(repo_id, name, repo_type=kind, revision=revision)).read_text()
     except EntryNotFoundError:
         return None
-    return json.loads(Path(path).read_text())
 
 
 def _with_retries(repo_id: str, upload) -> str:

@@ -62,6 +62,11 @@ def hub_revision(repo_id: str, repo_type: RepoType) -> str:
                     "not in the local cache")  # fmt: skip
 
 
+def template_fingerprint(chat_template: str | None) -> str | None:
+    """A --chat-template file by content; None for the model's own template."""
+    return fingerprint(chat_template) if chat_template else None
+
+
 def fingerprint(source: str, repo_type: RepoType = "model") -> str:
     """`sha256:…` for a local file or directory, `hub:ID@COMMIT` for a hub id."""
     path = Path(source)

@@ -26,6 +26,7 @@ from sppo_cli.data import (
     PROMPT,
     REJECTED,
     RESPONSES,
+    SAMPLED_CHAT_TEMPLATE,
     SCORES,
     conversations,
     load_stage,
@@ -112,13 +113,15 @@ def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple
 def rank(generations: str, output: str | Path, config: RankConfig, overwrite: bool = False,
          verbose: bool = False) -> tuple[dict, bool]:  # fmt: skip
     """Run the stage: returns the manifest and whether `output` was already this run's finished result."""
-    data = validate_generations(load_stage(generations, "generate")[0], generations)
+    data, sampled = load_stage(generations, "generate")
+    data = validate_generations(data, generations)
+    template = sampled.get("identity", {}).get("inputs", {}).get("chat_template")  # training must use it too
     inputs = {"generations": generations, "ranker": ranker_source(config.ranker)}
     run = StageRun("rank", output, config, inputs, overwrite, input_types={"generations": "dataset"})
 
     def work(partial: Path) -> dict:
         rankings, stats = rank_all(data, config, partial / SHARDS)
         save_dataset(rankings, partial)
-        return {"rows": len(rankings), **stats}
+        return {"rows": len(rankings), **stats, SAMPLED_CHAT_TEMPLATE: template}
 
     return run_stage(run, work, verbose)

@@ -4,17 +4,13 @@ group WANDB_RUN_GROUP names (pipeline.sh sets it, so that one pipeline run's sta
 
 from pathlib import Path
 
-from sppo_cli.errors import SettingError, SppoError
-
-TRACKERS = ("tensorboard", "wandb", "none")
+from sppo_cli.errors import SppoError
 
 
 def log_metrics(directory: Path, metrics: dict, report_to: str, run_name: str | None, settings: dict) -> None:
     scalars = {f"eval/{name}": value for name, value in metrics.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}  # fmt: skip
-    for tracker in (name.strip() for name in report_to.split(",")):
-        if tracker not in TRACKERS:
-            raise SettingError("report_to", f"names {tracker!r}: evaluations log to {', '.join(TRACKERS)}")
+    for tracker in (name.strip() for name in report_to.split(",")):  # those of config.EVAL_TRACKERS
         if tracker == "tensorboard":
             _tensorboard(directory / "runs" / (run_name or "eval"), scalars)
         elif tracker == "wandb":

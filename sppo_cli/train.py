@@ -26,8 +26,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTok
 from sppo_cli.cards import license_of, model_card
 from sppo_cli.config import BASELINE_LOSSES, TrainConfig
 from sppo_cli.data import CHOSEN, MANIFEST, PROMPT_TEXT, REJECTED, WIN_RATE_COLUMNS, load_stage, read_dataset
-from sppo_cli.data import read_manifest, validate_rankings
+from sppo_cli.data import SAMPLED_CHAT_TEMPLATE, read_manifest, validate_rankings
 from sppo_cli.errors import SppoError, first_line
+from sppo_cli.identity import template_fingerprint
 from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log
 from sppo_cli.models import bf16_supported, load_tokenizer, on_gpu, resolve_model, torch_dtype
 from sppo_cli.parallel import WorkerError, die_with_parent
@@ -67,10 +68,18 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
                       target_modules=modules, task_type="CAUSAL_LM")  # fmt: skip
 
 
-def load_rankings(source: str) -> Dataset:
-    """A finished `sppo rank` output, or any dataset in the published SPPO training format."""
+def load_rankings(source: str, chat_template: str | None = None) -> Dataset:
+    """A finished `sppo rank` output, or any dataset in the published SPPO training format. Rankings that say which
+    chat template their responses were sampled with must be trained with that one: training ends each response with
+    its end of turn, and the model keeps it for the next iteration's sampling."""
     path = Path(source)
-    data = load_stage(path, "rank")[0] if path.is_dir() and (path / MANIFEST).exists() else read_dataset(source)
+    if not (path.is_dir() and (path / MANIFEST).exists()):
+        return validate_rankings(read_dataset(source), source)
+    data, manifest = load_stage(path, "rank")
+    sampled = manifest.get(SAMPLED_CHAT_TEMPLATE, template_fingerprint(chat_template))
+    if sampled != template_fingerprint(chat_template):
+        raise SppoError(f"{source} was sampled with " + ("the model's own chat template: train without --chat-template"
+                        if sampled is None else "another --chat-template: train with the one it was sampled with"))
     return validate_rankings(data, source)
 
 
@@ -83,7 +92,7 @@ def to_trainer_format(rankings: Dataset) -> Dataset:
 def load_inputs(model: str, data: str, chat_template: str | None = None) -> tuple[PreTrainedTokenizerBase, Dataset]:
     """The tokenizer and the trainer-ready rankings: bad input fails here, before any process starts."""
     tokenizer = load_tokenizer(resolve_model(model), chat_template)
-    return tokenizer, to_trainer_format(load_rankings(data))
+    return tokenizer, to_trainer_format(load_rankings(data, chat_template))
 
 
 def last_complete_checkpoint(directory: Path) -> str | None:

@@ -115,8 +115,9 @@ def test_judgements_are_the_ranker_s_probabilities_of_the_i_th_pairs_on_reused_r
 
 def test_rule_math_accuracy_and_its_wilson_interval_over_prompts(tmp_path):
     def side(name, responses):
-        rows = [{"prompt": f"q{i}", "answer": str(i), "prompt_text": f"Q{i}", "responses": r,
-                 "response_tokens": [len(x) for x in r]} for i, r in enumerate(responses)]  # fmt: skip
+        rows = [{"prompt": f"q{i}", "conversation": [{"role": "user", "content": f"q{i}"}], "answer": str(i),
+                 "prompt_text": f"Q{i}", "responses": r, "response_tokens": [len(x) for x in r]}
+                for i, r in enumerate(responses)]  # fmt: skip
         return finished_output(Dataset.from_list(rows), tmp_path / name, "generate")
 
     model = side("model", [["\\boxed{0}", "\\boxed{0}"], ["\\boxed{1}", "\\boxed{9}"], ["\\boxed{9}", "\\boxed{9}"]])
@@ -149,7 +150,7 @@ def test_sides_that_answered_other_prompts_are_refused(tmp_path, tiny_model, pro
     config = EvalConfig(num_samples=1, ranker="python:plugin_rankers:by_length", **SAMPLING)
     evaluate(str(tiny_model), str(tiny_model), str(prompts), tmp_path / "e", config)
     other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "something else"}])
-    with pytest.raises(SppoError, match="answer other prompts than --prompts"):
+    with pytest.raises(SppoError, match="answer other conversations than --prompts"):
         evaluate(str(tiny_model), str(tmp_path / "e"), str(other), tmp_path / "x", config)
     with pytest.raises(SppoError, match="--prompts is needed when both --model and --baseline are models"):
         evaluate(str(tiny_model), str(tiny_model), None, tmp_path / "y", config)
@@ -222,6 +223,18 @@ def test_reused_responses_must_have_been_drawn_as_this_evaluation_draws(tmp_path
     generate(str(tiny_model), str(prompts), baseline, GenerateConfig(num_samples=2, temperature=1.3, **SAMPLING))
     with pytest.raises(SppoError, match="was sampled with temperature 1.3: evaluate with the settings"):
         evaluate(str(tiny_model), str(baseline), None, tmp_path / "e", EvalConfig(**SAMPLING))
+    plain = tmp_path / "plain"
+    generate(str(tiny_model), str(prompts), plain, GenerateConfig(num_samples=2, **SAMPLING))
+    with pytest.raises(SppoError, match="was sampled with system_prompt None: evaluate with the settings"):
+        evaluate(str(tiny_model), str(plain), None, tmp_path / "s", EvalConfig(system_prompt="Be rude.", **SAMPLING))
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(SppoError, match="was sampled with chat_template None: evaluate with the settings"):
+        evaluate(str(tiny_model), str(plain), None, tmp_path / "t", EvalConfig(chat_template=str(template), **SAMPLING))
+    rude = tmp_path / "rude"
+    generate(str(tiny_model), str(prompts), rude, GenerateConfig(num_samples=2, system_prompt="Be rude.", **SAMPLING))
+    with pytest.raises(SppoError, match="rude was sampled with system_prompt 'Be rude.'"):
+        evaluate(str(rude), str(plain), None, tmp_path / "r", EvalConfig(num_samples=2, **SAMPLING))
 
 
 def test_prompts_one_side_skipped_are_left_out_and_the_rest_stay_paired(tmp_path, tiny_model, other_tiny_model):

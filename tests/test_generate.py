@@ -261,3 +261,25 @@ def test_stop_strings_min_new_tokens_and_penalties(tmp_path, tiny_model):
     assert penalised["responses"] != plain["responses"]
     with pytest.raises(SettingError, match="presence_penalty needs the vllm backend"):
         replace(CONFIG, presence_penalty=0.5)
+    with pytest.raises(SettingError, match="stop with min_new_tokens needs the vllm backend"):
+        replace(CONFIG, stop=["x"], min_new_tokens=2)
+    with pytest.raises(SettingError, match="stop must not be empty"):
+        replace(CONFIG, stop=[""])
+    with pytest.raises(SettingError, match="presence_penalty must be at most 2"):
+        replace(CONFIG, backend="vllm", presence_penalty=5.0)
+
+
+def test_the_repetition_penalty_is_transformers_own_except_on_the_padding():
+    """Row 0 is padded on the left with two of token 3 (as the end-of-sequence token often is); row 1 is not."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from sppo_cli.backends.transformers import RepetitionPenalty
+
+    scores = torch.randn(2, 8)
+    scores[:, 3] = -1.0
+    ids = torch.tensor([[3, 3, 1, 5, 2], [0, 6, 1, 5, 2]])
+    ours = RepetitionPenalty(1.5, torch.tensor([2, 0]))(ids, scores.clone())
+    theirs = RepetitionPenaltyLogitsProcessor(1.5)(ids, scores.clone())
+    assert torch.equal(ours[1], theirs[1])  # no padding: the same penalty
+    assert ours[0, 3] == -1.0 and theirs[0, 3] == -1.5  # the padding token is not penalised, unless seen
+    assert torch.equal(ours[0, [1, 2, 5]], theirs[0, [1, 2, 5]])

@@ -77,6 +77,8 @@ def test_datasets_go_as_parquet_with_a_card_and_load_back_into_sppo_train(hub, o
     manifest, _ = train(str(tiny_model), "org/tiny-rankings-iter1", tmp_path / "model",
                         TrainConfig(per_device_train_batch_size=2, report_to="none", gradient_checkpointing=False))
     assert manifest["identity"]["inputs"]["data"].startswith("hub:org/tiny-rankings-iter1@")  # its commit
+    publishing.push(tmp_path / "model", "org/m")  # its card names the rankings it was trained on
+    assert card_metadata(hub.files("model", "org/m")["README.md"])["datasets"] == ["org/tiny-rankings-iter1"]
 
 
 def test_a_model_goes_with_a_card_that_chains_the_lineage_and_loads_back(hub, outputs, tmp_path):
@@ -90,6 +92,9 @@ def test_a_model_goes_with_a_card_that_chains_the_lineage_and_loads_back(hub, ou
     assert metadata["tags"] == ["sppo", "trl"] and metadata["library_name"] == "transformers"
     results = metadata["model-index"][0]["results"]
     assert {m["type"] for r in results for m in r["metrics"]} >= {"win_rate", "accuracy"}
+    assert {r["dataset"]["type"] for r in results} == {"local"}  # local prompts: no path goes out
+    assert {r["dataset"]["name"] for r in results} == {"held-out prompts"}
+    assert "sppo.log" not in files  # the log stays local
     card = files["README.md"].decode()
     assert "@article{wu2024self" in card and "final" in card and "model.partial" not in card and "DPO:" not in card
     sampled, _ = generate("org/tiny-SPPO-Iter1", str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?"}])),
@@ -108,6 +113,11 @@ def test_an_identical_output_is_not_pushed_twice_and_a_branch_per_iteration_work
     commits = hub.repos[("dataset", "org/tiny-generations-iter1")].commits
     assert publishing.push(outputs / "generations", "org/tiny-generations-iter1").startswith("already published")
     assert hub.repos[("dataset", "org/tiny-generations-iter1")].commits == commits
+    publishing.push(outputs / "model", "org/tiny-SPPO-Iter1")
+    assert "model-index" not in card_metadata(hub.files("model", "org/tiny-SPPO-Iter1")["README.md"])
+    outcome = publishing.push(outputs / "model", "org/tiny-SPPO-Iter1", evals=(str(outputs / "eval"),))
+    assert outcome.startswith("pushed to ")  # the same model with a new card: the card goes up
+    assert "model-index" in card_metadata(hub.files("model", "org/tiny-SPPO-Iter1")["README.md"])
     publishing.push(outputs / "model", "org/tiny-SPPO", revision="iter1")
     assert "model.safetensors" in hub.files("model", "org/tiny-SPPO", "iter1")
 
@@ -131,6 +141,18 @@ def test_a_failed_push_is_one_line_and_leaves_the_output_as_it_was(hub, outputs,
     with pytest.raises(SppoError, match=message.replace("(", r"\(").replace(")", r"\)")):
         publishing.push(outputs / "rankings", "org/x")
     assert content_digest(outputs / "rankings") == before
+
+
+def test_an_existing_repository_keeps_its_visibility_and_a_push_of_the_other_is_refused(hub, outputs):
+    publishing.push(outputs / "generations", "org/open", public=True)
+    commits = hub.repos[("dataset", "org/open")].commits
+    with pytest.raises(SppoError, match="org/open exists and is public: push to it with --public"):
+        publishing.push(outputs / "rankings", "org/open")  # private by default: never into a public repository
+    assert hub.repos[("dataset", "org/open")].commits == commits
+    publishing.push(outputs / "generations", "org/closed")
+    with pytest.raises(SppoError, match="org/closed exists and is private, and --public does not change that"):
+        publishing.push(outputs / "generations", "org/closed", public=True)
+    assert hub.repos[("dataset", "org/closed")].private
 
 
 def test_transient_failures_are_retried(hub, outputs):

@@ -132,7 +132,7 @@ def test_each_iteration_is_published_as_the_community_names_them(tmp_path, per_r
         f"{out}/iter2/generations --repo-id me/tiny-generations-iter2",
         f"{out}/iter2/rankings --repo-id me/tiny-rankings-iter2",
         f"{out}/iter2/model --repo-id {model(2)} --dataset me/tiny-rankings-iter2 --base-model "
-        f"{model(1).split()[0]} --eval {out}/iter2/eval",
+        f"{'org/base' if per_revision else model(1)} --eval {out}/iter2/eval",
     ]  # private: no --public
     runs = [line for line in calls.read_text().splitlines() if "--run-name" in line]
     assert [line.split("--run-name ")[1].split()[0] for line in runs] == [

@@ -76,6 +76,19 @@ def test_reward_model_scores_the_chat_formatted_conversation(tiny_reward_model):
             assert reward == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
 
 
+def test_a_long_conversation_loses_its_beginning_never_the_response(tiny_reward_model):
+    reward_model = RewardModelRanker(str(tiny_reward_model), max_length=24)
+    batch = {"prompt": ["Tell me a long story. " * 20], "responses": [["yes", "no"]]}
+    rewards = reward_model.judge(batch)[0]
+    tokenizer, model = reward_model.tokenizer, reward_model.model
+    for response, reward in zip(batch["responses"][0], rewards):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": batch["prompt"][0]},
+                                              {"role": "assistant", "content": response}], tokenize=False)  # fmt: skip
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -24:]
+        assert reward == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+    assert rewards[0] != rewards[1] and reward_model.stats() == {"truncated_conversations": 2}
+
+
 def test_reward_model_probabilities_are_sigmoid_of_reward_differences(tmp_path, tiny_reward_model):
     generations = Dataset.from_list(
         [{"prompt": "Name a fruit.", "prompt_text": "", "responses": ["an apple", "a pear", "no idea at all"]}]

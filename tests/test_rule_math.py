@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from sppo_cli.rankers.rule_math import answers_match, extract_answer, is_correct, normalize
@@ -103,3 +105,45 @@ def test_math_verify_agrees_on_the_corpus(answer, reference, equivalent):
 def test_several_answer_lines_the_last_counts():
     response = "The answer is 4.\nWait, recheck.\nThe answer is 5."
     assert extract_answer(response) == "5" and is_correct(response, "5") and not is_correct(response, "4")
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        ("2^{31}", "2147483647"),  # off by one, though within floating point's tolerance
+        ("10^9+8", "1000000007"),
+        ("5 x", "5"),  # a variable, not a unit
+        ("10^{300}10^{10}", "\\infty"),  # overflow is not infinity
+        ("(-8)^{1/3}", "-2"),  # no real power
+        ("(x-5)^{1/2}", "\\sqrt{x-5}"),
+        ("1" * 5000, "1"),
+        ("9^9^9^9", "1"),
+        ("(10^{1000})^{1000}", "1"),
+    ],
+)
+def test_wrong_or_unreadable_answers_are_wrong(answer, reference):
+    assert not answers_match(answer, reference)
+
+
+@pytest.mark.parametrize("answer, reference", [("2^{31}", "2147483648"), ("0.5", "50\\%"), ("10^{-3}", "0.001")])
+def test_exact_values_and_percentages_either_side(answer, reference):
+    assert answers_match(answer, reference) and answers_match(reference, answer)
+
+
+def _random_expression(rng, depth=3):
+    if depth == 0 or rng.random() < 0.3:
+        return rng.choice(["0", "1", "2", "8", "0.5", "1e3", "x", "y", "\\pi", "\\infty", "99999"])
+    a, b = _random_expression(rng, depth - 1), _random_expression(rng, depth - 1)
+    return rng.choice([f"{a}+{b}", f"{a}-{b}", f"{a}*{b}", f"{a}/{b}", f"-{a}", f"({a})^{{{b}}}", f"{a}^{b}",
+                       f"\\frac{{{a}}}{{{b}}}", f"\\sqrt{{{a}}}", f"\\sqrt[{a}]{{{b}}}", f"({a}, {b}]",
+                       f"\\{{{a}, {b}\\}}", f"{a}\\%", f"{a} {b}", f"{a}{b}", f"{a})", f"{{{a}"])  # fmt: skip
+
+
+def test_the_checker_never_raises_on_model_text():
+    """Random expressions, many malformed, over the parser's own grammar: every one is judged, none raises."""
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = _random_expression(rng)
+        for reference in ("1", "-2", "x+1", "\\{1, 2\\}", "(0, \\infty)", _random_expression(rng)):
+            assert isinstance(answers_match(text, reference), bool)
+            assert isinstance(is_correct(f"\\boxed{{{text}}}", reference), bool)

@@ -422,6 +422,28 @@ def test_conversations_reach_every_stage_with_the_tokens_that_were_sampled_from(
         rankings["prompt_text"][0]  # fmt: skip
 
 
+def test_training_uses_the_chat_template_the_responses_were_sampled_with(tmp_path, tiny_model):
+    from sppo_cli.config import GenerateConfig, RankConfig
+    from sppo_cli.generate import generate
+    from sppo_cli.rank import rank
+    from sppo_cli.train import load_inputs
+
+    template, other = tmp_path / "t.jinja", tmp_path / "other.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
+    other.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt, *_ in ROWS))
+    generate(str(tiny_model), str(prompts), tmp_path / "g", GenerateConfig(
+        num_samples=4, max_new_tokens=8, backend="transformers", chat_template=str(template)))  # fmt: skip
+    rank(str(tmp_path / "g"), tmp_path / "r", RankConfig(ranker="python:plugin_rankers:by_length"))
+    with pytest.raises(SppoError, match="sampled with another --chat-template: train with the one it was sampled"):
+        load_inputs(str(tiny_model), str(tmp_path / "r"))
+    with pytest.raises(SppoError, match="sampled with another --chat-template"):
+        load_inputs(str(tiny_model), str(tmp_path / "r"), str(other))
+    tokenizer, _ = load_inputs(str(tiny_model), str(tmp_path / "r"), str(template))
+    assert tokenizer.chat_template == template.read_text()
+
+
 @pytest.mark.parametrize("loss, trl_loss", [("dpo", "sigmoid"), ("ipo", "ipo")])
 def test_the_dpo_and_ipo_baselines_are_trl_s_own_losses(tmp_path, tiny_model, other_tiny_model, loss, trl_loss):
     from sppo_cli.train import sppo_config

@@ -1,6 +1,7 @@
 """The transformers backend: plain `model.generate`, K samples per prompt in one batched call."""
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from sppo_cli.backends import Completion
 from sppo_cli.config import EngineOptions, SamplingOptions
@@ -32,6 +33,10 @@ class TransformersBackend:
     def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingOptions) -> list[Completion]:
         self.tokenizer.padding_side = "left"
         inputs = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.model.device)
+        processors = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:
+            padding = (inputs["attention_mask"] == 0).sum(dim=1).repeat_interleave(sampling.num_samples)
+            processors.append(RepetitionPenalty(sampling.repetition_penalty, padding))
         outputs = self.model.generate(
             **inputs,
             do_sample=True,
@@ -39,7 +44,7 @@ class TransformersBackend:
             top_p=sampling.top_p,
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=sampling.min_new_tokens or None,
-            repetition_penalty=sampling.repetition_penalty,
+            logits_processor=processors,
             stop_strings=sampling.stop or None,
             tokenizer=self.tokenizer,
             num_return_sequences=sampling.num_samples,
@@ -59,3 +64,18 @@ def _cut(text: str, stop: list[str]) -> str:
     """The response before its first stop string, which transformers leaves in (vLLM leaves it out)."""
     ends = [text.find(string) for string in stop if string in text]
     return text[: min(ends)] if ends else text
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty (as vLLM's: on the tokens of the prompt and the response so far), blind to the
+    left padding, which transformers' own processor counts: with the end-of-sequence token as padding, a prompt padded
+    in its batch would be kept from ending."""
+
+    def __init__(self, penalty: float, padding: torch.Tensor):
+        self.penalty, self.padding = penalty, padding
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        real = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= self.padding[:, None]
+        seen = torch.zeros(scores.shape, dtype=torch.long, device=scores.device).scatter_add_(1, input_ids, real.long())
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen > 0, penalised, scores)

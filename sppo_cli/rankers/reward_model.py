@@ -11,7 +11,8 @@ from sppo_cli.rankers import Judgement
 
 
 class RewardModelRanker:
-    """A reward per response, read on the chat-formatted conversation; longest-first batches."""
+    """A reward per response, read on the chat-formatted conversation; longest-first batches. A conversation longer
+    than `max_length` tokens loses its beginning, never the response, and is counted."""
 
     def __init__(self, checkpoint: str, batch_size: int = 32, max_length: int = 4096):
         checkpoint = resolve_model(checkpoint)
@@ -27,6 +28,7 @@ class RewardModelRanker:
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(default_device()).eval()
         self.batch_size, self.max_length = batch_size, max_length
+        self.truncated = 0
 
     def judge(self, batch: dict[str, list]) -> list[Judgement]:
         texts = [  # the whole conversation, as this reward model's own template writes it
@@ -43,16 +45,16 @@ class RewardModelRanker:
 
     @torch.inference_mode()
     def rewards(self, texts: list[str]) -> np.ndarray:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        rewards = np.empty(len(texts))
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self.truncated += sum(len(row) > self.max_length for row in ids)
+        ids = [row[-self.max_length :] for row in ids]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        rewards = np.empty(len(ids))
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
-            inputs = self.tokenizer(
-                [texts[i] for i in indices], add_special_tokens=False, padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            ).to(self.model.device)  # fmt: skip
-            rewards[indices] = self.model(**inputs).logits[:, 0].float().cpu().numpy()
+            inputs = self.tokenizer.pad({"input_ids": [ids[i] for i in indices]}, return_tensors="pt")
+            rewards[indices] = self.model(**inputs.to(self.model.device)).logits[:, 0].float().cpu().numpy()
         return rewards
 
     def stats(self) -> dict:
-        return {}
+        return {"truncated_conversations": self.truncated}

@@ -3,8 +3,8 @@
 Two answers match when they are the same text once normalised, the same number exactly (`fractions.Fraction`), the
 same collection (a set in any order; a tuple or an interval item by item, brackets included), or the same value: each
 is read by a small recursive-descent parser of its own (numbers, + - * / ^, \\frac, \\sqrt, \\pi, implicit products,
-mixed numbers, single-letter variables) and computed in floating point, at three fixed points when it has variables.
-Model text is only ever parsed, never evaluated by Python or sympy.
+mixed numbers, single-letter variables) and computed exactly in fractions while it stays rational, else in floating
+point, at three fixed points when it has variables. Model text is only ever parsed, never evaluated by Python or sympy.
 """
 
 import math
@@ -19,7 +19,7 @@ from sppo_cli.errors import SppoError
 _ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
 _UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{[^{}]*\}$")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-_TRAILING_WORDS = re.compile(r"^([-+]?[\d.,]+(?:/\d+)?)\s+[A-Za-z][A-Za-z ]*$")
+_TRAILING_WORDS = re.compile(r"^([-+]?[\d.,]+(?:/\d+)?)\s+[A-Za-z]{2,}[A-Za-z ]*$")  # "12 cm", not "5 x"
 _FRAC = re.compile(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT = re.compile(r"\\frac\s*(\d)\s*(\d)")  # \frac12
 _SQRT_SHORT = re.compile(r"\\sqrt\s*(\w)")  # \sqrt2
@@ -76,6 +76,8 @@ def normalize(answer: str) -> str:
 
 def as_number(text: str) -> Fraction | None:
     """The exact value of a plain number, a/b, or \\frac{a}{b} (with 1,000-style commas); None otherwise."""
+    if len(text) > _MAX_LENGTH:
+        return None
     text = text.replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?", text) else text
     frac = _FRAC.fullmatch(text)
     sign = 1
@@ -114,18 +116,20 @@ def answers_match(answer: str | None, reference: str) -> bool:
 
 
 def _same_value(candidate: str, expected: str) -> bool:
-    """Equal numbers, exactly or in value; a percentage also matches its fraction (50% and 0.5)."""
-    readings = [candidate.removesuffix("%")] + ([f"({candidate[:-1]})/100"] if candidate.endswith("%") else [])
-    expected = expected.removesuffix("%")
-    for reading in readings:
-        exact, wanted = as_number(reading), as_number(expected)
-        if exact is not None and wanted is not None:
-            if exact == wanted:
+    """Equal numbers, exactly or in value; a percentage also matches its fraction (50% and 0.5, either side)."""
+    for mine in _readings(candidate):
+        for theirs in _readings(expected):
+            exact, wanted = as_number(mine), as_number(theirs)
+            if exact is not None and wanted is not None:
+                if exact == wanted:
+                    return True
+            elif _equal_values(mine, theirs):
                 return True
-            continue
-        if _equal_values(reading, expected):
-            return True
     return False
+
+
+def _readings(text: str) -> list[str]:
+    return [text[:-1], f"({text[:-1]})/100"] if text.endswith("%") else [text]
 
 
 # ---- collections: sets, tuples, intervals ---------------------------------------------------------------------------
@@ -186,7 +190,12 @@ def _same_collection(mine: tuple[str, list[str]], theirs: tuple[str, list[str]])
 
 _TOKEN = re.compile(r"\\[a-zA-Z]+|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[a-zA-Z]|[-+*/^(){}\[\]]")
 _POINTS = (0.5772156649, 1.6180339887, 2.7182818284)  # where expressions with variables are compared
-_MAX_LENGTH, _MAX_EXPONENT = 200, 1000
+_MAX_LENGTH, _MAX_EXPONENT, _MAX_BITS = 200, 1000, 10_000
+Value = Fraction | float
+
+
+def _exact(value: Value) -> bool:
+    return isinstance(value, Fraction)
 
 
 def _equal_values(candidate: str, expected: str) -> bool:
@@ -194,21 +203,29 @@ def _equal_values(candidate: str, expected: str) -> bool:
     for point in _POINTS:
         values = {name: point + index for index, name in enumerate(sorted(variables))}
         mine, theirs = value_of(candidate, values), value_of(expected, values)
-        if mine is None or theirs is None or not math.isclose(mine, theirs, rel_tol=1e-9, abs_tol=1e-12):
+        if mine is None or theirs is None:
+            return False
+        if _exact(mine) and _exact(theirs):  # 2^{31} is not 2147483647, however close in floating point
+            if mine != theirs:
+                return False
+        elif not math.isclose(float(mine), float(theirs), rel_tol=1e-9, abs_tol=1e-12):
             return False
     return True
 
 
-def value_of(text: str, variables: dict[str, float] | None = None) -> float | None:
-    """The value of a LaTeX arithmetic expression, or None if it is not one this parser reads (or has no value)."""
+def value_of(text: str, variables: dict[str, float] | None = None) -> Value | None:
+    """The value of a LaTeX arithmetic expression, or None if it is not one this parser reads or has no finite real
+    value (infinity only where the text says \\infty)."""
     tokens = _TOKEN.findall(text)
     if len(text) > _MAX_LENGTH or "".join(tokens) != text:  # a character the grammar does not know
         return None
     try:
         parser = _Parser(tokens, variables or {})
         value = parser.expression()
-        return value if parser.done() and not math.isnan(value) else None
-    except (ValueError, ZeroDivisionError, OverflowError, IndexError, RecursionError):
+        if not parser.done() or isinstance(value, complex) or math.isnan(value):
+            return None
+        return value if math.isfinite(value) or "\\infty" in tokens else None
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, IndexError, RecursionError):
         return None
 
 
@@ -235,13 +252,13 @@ class _Parser:
     def done(self) -> bool:
         return self.position == len(self.tokens)
 
-    def expression(self) -> float:
+    def expression(self) -> Value:
         value = self.term()
         while self.peek() in ("+", "-"):
             value = value + self.term() if self.take() == "+" else value - self.term()
         return value
 
-    def term(self) -> float:
+    def term(self) -> Value:
         value = self.factor()
         while True:
             token = self.peek()
@@ -256,12 +273,12 @@ class _Parser:
             else:
                 return value
 
-    def factor(self) -> float:
+    def factor(self) -> Value:
         if self.peek() in ("+", "-"):
             return self.factor() if self.take() == "+" else -self.factor()
         return self.power()
 
-    def power(self) -> float:
+    def power(self) -> Value:
         base = self.atom()
         if self.peek() != "^":
             return base
@@ -269,12 +286,19 @@ class _Parser:
         exponent = self.factor()
         if abs(exponent) > _MAX_EXPONENT:
             raise OverflowError
-        return base**exponent
+        if _exact(base) and _exact(exponent) and exponent.denominator == 1:
+            if max(base.numerator.bit_length(), base.denominator.bit_length()) * abs(exponent) > _MAX_BITS:
+                raise OverflowError
+            return base ** int(exponent)
+        value = float(base) ** float(exponent)
+        if isinstance(value, complex):  # (-8)^{1/3}: no real power
+            raise ValueError("no real power")
+        return value
 
-    def atom(self) -> float:
+    def atom(self) -> Value:
         token = self.take()
         if token[0].isdigit() or token[0] == ".":
-            return self.mixed_number(float(token)) if token.isdigit() else float(token)
+            return self.mixed_number(Fraction(token)) if token.isdigit() else Fraction(token)
         if token in ("(", "{"):
             value = self.expression()
             self.take(")" if token == "(" else "}")
@@ -290,7 +314,7 @@ class _Parser:
             radicand = self.group()
             if radicand < 0:
                 raise ValueError("no real root")
-            return radicand ** (1 / degree)
+            return float(radicand) ** (1 / float(degree))
         if token == "\\pi":
             return math.pi
         if token == "\\infty":
@@ -299,20 +323,21 @@ class _Parser:
             return self.variables[token]
         raise ValueError(f"cannot read {token}")
 
-    def group(self) -> float:
+    def group(self) -> Value:
         self.take("{")
         value = self.expression()
         self.take("}")
         return value
 
-    def mixed_number(self, whole: float) -> float:
+    def mixed_number(self, whole: Fraction) -> Value:
         """2\\frac{1}{2} is two and a half, as in school and in math-verify."""
         if self.peek() != "\\frac":
             return whole
         start = self.position
         self.take()
         numerator, denominator = self.group(), self.group()
-        if numerator.is_integer() and denominator.is_integer() and 0 <= numerator < denominator:
+        if _exact(numerator) and _exact(denominator) and numerator.denominator == denominator.denominator == 1 \
+                and 0 <= numerator < denominator:  # fmt: skip
             return whole + numerator / denominator
         self.position = start
         return whole
