@@ -17,7 +17,8 @@
 # rebuilt after each iteration (sppo report D). Training and evaluation runs are named iter{t}-train, iter{t}-eval
 # for the trackers, in the group WANDB_RUN_GROUP (the output directory's name unless set).
 # --push-to-hub publishes each iteration as ORG/NAME-generations-iter{t}, ORG/NAME-rankings-iter{t} and the model
-# ORG/NAME-SPPO-Iter{t} (or ORG/NAME-SPPO at revision iter{t}), each model's card naming the one before as its base.
+# ORG/NAME-SPPO-Iter{t}, each model's card naming the one before as its base (or ORG/NAME-SPPO at revision iter{t}
+# with --hub-revision-per-iteration, each card naming --model as its base when that is a hub id).
 # Every stage is safe to re-run: a finished stage with the same settings and inputs says so and is skipped, an
 # interrupted one resumes, and one whose settings changed is refused (sppo's own rules, see the README). So re-running
 # the same command after a crash continues where it stopped.

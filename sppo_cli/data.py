@@ -208,9 +208,10 @@ def published(source: str) -> Path | None:
     """The local copy of a hub dataset that `sppo push` published (it has a manifest), if `source` is one."""
     if Path(source).exists() or not _HUB_ID.match(source) or source.startswith("."):
         return None
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
+        hf_hub_download(source, MANIFEST, repo_type="dataset")  # first: any other dataset is not fetched twice
         path = Path(snapshot_download(source, repo_type="dataset"))
     except Exception as error:  # not on the hub, not reachable: the caller says the path does not exist
         logging.getLogger("sppo").info("%s is not a reachable hub dataset: %s", source, first_line(error))

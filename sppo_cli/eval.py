@@ -16,8 +16,8 @@ import numpy as np
 from datasets import Dataset
 
 from sppo_cli.config import EvalConfig, RankerOptions
-from sppo_cli.data import CONVERSATION, MANIFEST, PROMPT_TEXT, RESPONSE_TOKENS, RESPONSES, load_prompts, load_stage
-from sppo_cli.data import published, read_manifest
+from sppo_cli.data import CONVERSATION, MANIFEST, PROMPT, PROMPT_TEXT, RESPONSE_TOKENS, RESPONSES, conversations
+from sppo_cli.data import load_prompts, load_stage, published, read_manifest
 from sppo_cli.errors import SppoError
 from sppo_cli.generate import check_engine, sample
 from sppo_cli.identity import template_fingerprint
@@ -57,9 +57,11 @@ def read_responses(source: str, config: EvalConfig) -> Dataset | None:
                         "were drawn with, or sample it again")  # fmt: skip
     count = config.num_samples
     data = load_stage(source)[0]
-    missing = [c for c in (CONVERSATION, RESPONSES, RESPONSE_TOKENS) if c not in data.column_names]
+    missing = [c for c in (PROMPT, RESPONSES, RESPONSE_TOKENS) if c not in data.column_names]
     if missing:
         raise SppoError(f"{source} has no {', '.join(missing)} column(s): re-generate it with this version of sppo")
+    if CONVERSATION not in data.column_names:  # made before conversations: its prompts were one user turn each
+        data = data.add_column(CONVERSATION, conversations({PROMPT: data[PROMPT]}))
     fewest = min(map(len, data[RESPONSES]))
     if fewest < count:
         raise SppoError(f"{source} has {fewest} response(s) for some prompt; --num-samples {count} needs {count}")

@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from sppo_cli.errors import SppoError, first_line
+from sppo_cli.errors import SettingError, SppoError, first_line
 
 WHOLE_FILE_LIMIT = 256 * 2**20
 WINDOW = 16 * 2**20
@@ -64,6 +64,8 @@ def hub_revision(repo_id: str, repo_type: RepoType) -> str:
 
 def template_fingerprint(chat_template: str | None) -> str | None:
     """A --chat-template file by content; None for the model's own template."""
+    if chat_template and not Path(chat_template).is_file():
+        raise SettingError("chat_template", f"names no file: {chat_template}")
     return fingerprint(chat_template) if chat_template else None
 
 

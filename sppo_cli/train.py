@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTok
 from sppo_cli.cards import license_of, model_card
 from sppo_cli.config import BASELINE_LOSSES, TrainConfig
 from sppo_cli.data import CHOSEN, MANIFEST, PROMPT_TEXT, REJECTED, WIN_RATE_COLUMNS, load_stage, read_dataset
-from sppo_cli.data import SAMPLED_CHAT_TEMPLATE, read_manifest, validate_rankings
+from sppo_cli.data import SAMPLED_CHAT_TEMPLATE, published, read_manifest, validate_rankings
 from sppo_cli.errors import SppoError, first_line
 from sppo_cli.identity import template_fingerprint
 from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log
@@ -72,10 +72,10 @@ def load_rankings(source: str, chat_template: str | None = None) -> Dataset:
     """A finished `sppo rank` output, or any dataset in the published SPPO training format. Rankings that say which
     chat template their responses were sampled with must be trained with that one: training ends each response with
     its end of turn, and the model keeps it for the next iteration's sampling."""
-    path = Path(source)
+    path = published(source) or Path(source)
     if not (path.is_dir() and (path / MANIFEST).exists()):
         return validate_rankings(read_dataset(source), source)
-    data, manifest = load_stage(path, "rank")
+    data, manifest = load_stage(source, "rank")
     sampled = manifest.get(SAMPLED_CHAT_TEMPLATE, template_fingerprint(chat_template))
     if sampled != template_fingerprint(chat_template):
         raise SppoError(f"{source} was sampled with " + ("the model's own chat template: train without --chat-template"

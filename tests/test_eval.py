@@ -115,9 +115,9 @@ def test_judgements_are_the_ranker_s_probabilities_of_the_i_th_pairs_on_reused_r
 
 def test_rule_math_accuracy_and_its_wilson_interval_over_prompts(tmp_path):
     def side(name, responses):
-        rows = [{"prompt": f"q{i}", "conversation": [{"role": "user", "content": f"q{i}"}], "answer": str(i),
-                 "prompt_text": f"Q{i}", "responses": r, "response_tokens": [len(x) for x in r]}
-                for i, r in enumerate(responses)]  # fmt: skip
+        rows = [{"prompt": f"q{i}", "answer": str(i), "prompt_text": f"Q{i}", "responses": r,
+                 "response_tokens": [len(x) for x in r]} for i, r in enumerate(responses)]  # fmt: skip
+        # no `conversation` column: outputs made before conversations are read as one user turn per prompt
         return finished_output(Dataset.from_list(rows), tmp_path / name, "generate")
 
     model = side("model", [["\\boxed{0}", "\\boxed{0}"], ["\\boxed{1}", "\\boxed{9}"], ["\\boxed{9}", "\\boxed{9}"]])
@@ -231,6 +231,9 @@ def test_reused_responses_must_have_been_drawn_as_this_evaluation_draws(tmp_path
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     with pytest.raises(SppoError, match="was sampled with chat_template None: evaluate with the settings"):
         evaluate(str(tiny_model), str(plain), None, tmp_path / "t", EvalConfig(chat_template=str(template), **SAMPLING))
+    missing = EvalConfig(chat_template=str(tmp_path / "nope.jinja"), **SAMPLING)
+    with pytest.raises(SppoError, match="chat_template names no file: .*nope.jinja"):  # not a hub lookup
+        evaluate(str(tiny_model), str(plain), None, tmp_path / "n", missing)
     rude = tmp_path / "rude"
     generate(str(tiny_model), str(prompts), rude, GenerateConfig(num_samples=2, system_prompt="Be rude.", **SAMPLING))
     with pytest.raises(SppoError, match="rude was sampled with system_prompt 'Be rude.'"):

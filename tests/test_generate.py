@@ -256,9 +256,6 @@ def test_stop_strings_min_new_tokens_and_penalties(tmp_path, tiny_model):
     assert all(words[0] not in r for rs in stopped["responses"] for r in rs)  # the stop string is left out
     long, _ = sample(str(tiny_model), data, replace(CONFIG, min_new_tokens=8), tmp_path / "c")
     assert all(n == 8 for row in long["response_tokens"] for n in row)  # min = max: no early end
-    penalised, _ = sample(str(tiny_model), data, replace(CONFIG, max_new_tokens=12, repetition_penalty=5.0),
-                          tmp_path / "d")  # fmt: skip
-    assert penalised["responses"] != plain["responses"]
     with pytest.raises(SettingError, match="presence_penalty needs the vllm backend"):
         replace(CONFIG, presence_penalty=0.5)
     with pytest.raises(SettingError, match="stop with min_new_tokens needs the vllm backend"):
@@ -283,3 +280,36 @@ def test_the_repetition_penalty_is_transformers_own_except_on_the_padding():
     assert torch.equal(ours[1], theirs[1])  # no padding: the same penalty
     assert ours[0, 3] == -1.0 and theirs[0, 3] == -1.5  # the padding token is not penalised, unless seen
     assert torch.equal(ours[0, [1, 2, 5]], theirs[0, [1, 2, 5]])
+
+
+def test_the_repetition_penalty_knows_each_prompt_s_padding(tiny_model):
+    from sppo_cli.backends.transformers import RepetitionPenalty, TransformersBackend
+    from sppo_cli.config import EngineOptions
+
+    backend = TransformersBackend(str(tiny_model), EngineOptions(backend="transformers", batch_size=2))
+    used, build = [], backend.model._get_logits_processor
+    backend.model._get_logits_processor = lambda *a, **k: used.append(build(*a, **k)) or used[-1]
+    backend.generate([[1, 5, 6, 7, 8], [1, 9]], [0, 1], replace(CONFIG, num_samples=2, repetition_penalty=5.0))
+    penalty = next(p for p in used[0] if isinstance(p, RepetitionPenalty))
+    assert penalty.penalty == 5.0 and penalty.padding.tolist() == [0, 0, 3, 3]  # K = 2 rows per prompt
+
+
+def test_transformers_samples_with_the_settings_only_not_the_model_s_generation_defaults(tmp_path, tiny_model):
+    """A model may ship sampling defaults (Qwen2.5: repetition penalty 1.05; transformers adds top-k 50): vLLM, given
+    explicit SamplingParams, ignores them, and so must the transformers backend."""
+    import shutil
+
+    from sppo_cli.backends.transformers import TransformersBackend
+    from sppo_cli.config import EngineOptions
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "top_k": 20,
+                                                              "repetition_penalty": 1.05}))  # fmt: skip
+    backend = TransformersBackend(str(model), EngineOptions(backend="transformers"))
+    used, build = [], backend.model._get_logits_processor
+    backend.model._get_logits_processor = lambda *a, **k: used.append(build(*a, **k)) or used[-1]
+    backend.generate([[1, 5, 6, 7]], [0], replace(CONFIG, num_samples=2, max_new_tokens=3))
+    assert [type(p).__name__ for p in used[0]] == ["TemperatureLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
+    assert used[0][2].min_p == 0.0  # a no-op

@@ -15,7 +15,7 @@ from sppo_cli.eval import evaluate
 from sppo_cli.generate import generate
 from sppo_cli.identity import content_digest
 from sppo_cli.rank import rank
-from sppo_cli.train import train
+from sppo_cli.train import load_inputs, train
 
 from conftest import run_cli, write_jsonl
 from hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
@@ -77,6 +77,10 @@ def test_datasets_go_as_parquet_with_a_card_and_load_back_into_sppo_train(hub, o
     manifest, _ = train(str(tiny_model), "org/tiny-rankings-iter1", tmp_path / "model",
                         TrainConfig(per_device_train_batch_size=2, report_to="none", gradient_checkpointing=False))
     assert manifest["identity"]["inputs"]["data"].startswith("hub:org/tiny-rankings-iter1@")  # its commit
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(SppoError, match="sampled with the model's own chat template: train without --chat-template"):
+        load_inputs(str(tiny_model), "org/tiny-rankings-iter1", str(template))  # the manifest travels with them
     publishing.push(tmp_path / "model", "org/m")  # its card names the rankings it was trained on
     assert card_metadata(hub.files("model", "org/m")["README.md"])["datasets"] == ["org/tiny-rankings-iter1"]
 

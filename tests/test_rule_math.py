@@ -119,20 +119,25 @@ def test_several_answer_lines_the_last_counts():
         ("1" * 5000, "1"),
         ("9^9^9^9", "1"),
         ("(10^{1000})^{1000}", "1"),
+        ("1e99999999", "1"),  # read exactly, 10^99999999 would take minutes: too large, like any such value
+        ("*".join(["1e999"] * 22), "1"),
+        ("(1e999+1)/(3e998+7)+(1e999+1)/(3e998+7)", "1"),
+        ("0.5\\%", "50\\%"),  # two percentages compare as they are
     ],
 )
 def test_wrong_or_unreadable_answers_are_wrong(answer, reference):
     assert not answers_match(answer, reference)
 
 
-@pytest.mark.parametrize("answer, reference", [("2^{31}", "2147483648"), ("0.5", "50\\%"), ("10^{-3}", "0.001")])
+@pytest.mark.parametrize("answer, reference", [("2^{31}", "2147483648"), ("0.5", "50\\%"), ("10^{-3}", "0.001"),
+                                               ("1", "100\\%"), ("4^{256}", "2^{512}"), ("12 m", "12")])
 def test_exact_values_and_percentages_either_side(answer, reference):
     assert answers_match(answer, reference) and answers_match(reference, answer)
 
 
 def _random_expression(rng, depth=3):
     if depth == 0 or rng.random() < 0.3:
-        return rng.choice(["0", "1", "2", "8", "0.5", "1e3", "x", "y", "\\pi", "\\infty", "99999"])
+        return rng.choice(["0", "1", "2", "8", "0.5", "1e3", "1e999", "1e-999", "x", "y", "\\pi", "\\infty", "99999"])
     a, b = _random_expression(rng, depth - 1), _random_expression(rng, depth - 1)
     return rng.choice([f"{a}+{b}", f"{a}-{b}", f"{a}*{b}", f"{a}/{b}", f"-{a}", f"({a})^{{{b}}}", f"{a}^{b}",
                        f"\\frac{{{a}}}{{{b}}}", f"\\sqrt{{{a}}}", f"\\sqrt[{a}]{{{b}}}", f"({a}, {b}]",

@@ -1,4 +1,5 @@
-"""The transformers backend: plain `model.generate`, K samples per prompt in one batched call."""
+"""The transformers backend: plain `model.generate`, K samples per prompt in one batched call, sampling from the
+distribution the settings describe and nothing else (as vLLM does with explicit SamplingParams)."""
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -42,6 +43,11 @@ class TransformersBackend:
             do_sample=True,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            # what the settings do not name is off, as in vLLM: not the model's generation_config (a Qwen's 1.05
+            # repetition penalty, say), nor transformers' default top-k of 50
+            top_k=0,
+            repetition_penalty=1.0,
+            min_p=0.0,
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=sampling.min_new_tokens or None,
             logits_processor=processors,

@@ -19,7 +19,8 @@ from sppo_cli.errors import SppoError
 _ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
 _UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{[^{}]*\}$")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-_TRAILING_WORDS = re.compile(r"^([-+]?[\d.,]+(?:/\d+)?)\s+[A-Za-z]{2,}[A-Za-z ]*$")  # "12 cm", not "5 x"
+# "12 cm", "7 apples", "12 m" (a one-letter unit of a short list), not "5 x"
+_TRAILING_WORDS = re.compile(r"^([-+]?[\d.,]+(?:/\d+)?)\s+(?:[A-Za-z]{2,}[A-Za-z ]*|[mgsLhKNJVW])$")
 _FRAC = re.compile(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT = re.compile(r"\\frac\s*(\d)\s*(\d)")  # \frac12
 _SQRT_SHORT = re.compile(r"\\sqrt\s*(\w)")  # \sqrt2
@@ -117,14 +118,16 @@ def answers_match(answer: str | None, reference: str) -> bool:
 
 def _same_value(candidate: str, expected: str) -> bool:
     """Equal numbers, exactly or in value; a percentage also matches its fraction (50% and 0.5, either side)."""
-    for mine in _readings(candidate):
-        for theirs in _readings(expected):
-            exact, wanted = as_number(mine), as_number(theirs)
-            if exact is not None and wanted is not None:
-                if exact == wanted:
-                    return True
-            elif _equal_values(mine, theirs):
+    both = candidate.endswith("%") and expected.endswith("%")
+    pairs = [(candidate[:-1], expected[:-1])] if both else [(a, b) for a in _readings(candidate)
+                                                             for b in _readings(expected)]  # fmt: skip
+    for mine, theirs in pairs:
+        exact, wanted = as_number(mine), as_number(theirs)
+        if exact is not None and wanted is not None:
+            if exact == wanted:
                 return True
+        elif _equal_values(mine, theirs):
+            return True
     return False
 
 
@@ -190,7 +193,7 @@ def _same_collection(mine: tuple[str, list[str]], theirs: tuple[str, list[str]])
 
 _TOKEN = re.compile(r"\\[a-zA-Z]+|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[a-zA-Z]|[-+*/^(){}\[\]]")
 _POINTS = (0.5772156649, 1.6180339887, 2.7182818284)  # where expressions with variables are compared
-_MAX_LENGTH, _MAX_EXPONENT, _MAX_BITS = 200, 1000, 10_000
+_MAX_LENGTH, _MAX_EXPONENT, _MAX_BITS = 200, 1000, 4096  # beyond: too large to compare, and to compute quickly
 Value = Fraction | float
 
 
@@ -203,30 +206,43 @@ def _equal_values(candidate: str, expected: str) -> bool:
     for point in _POINTS:
         values = {name: point + index for index, name in enumerate(sorted(variables))}
         mine, theirs = value_of(candidate, values), value_of(expected, values)
-        if mine is None or theirs is None:
-            return False
-        if _exact(mine) and _exact(theirs):  # 2^{31} is not 2147483647, however close in floating point
-            if mine != theirs:
-                return False
-        elif not math.isclose(float(mine), float(theirs), rel_tol=1e-9, abs_tol=1e-12):
+        if mine is None or theirs is None or not _same_number(mine, theirs):
             return False
     return True
 
 
+def _same_number(mine: Value, theirs: Value) -> bool:
+    if _exact(mine) and _exact(theirs):  # 2^{31} is not 2147483647, however close in floating point
+        return mine == theirs
+    try:
+        return math.isclose(float(mine), float(theirs), rel_tol=1e-9, abs_tol=1e-12)
+    except OverflowError:  # an exact value beyond floating point's range
+        return False
+
+
 def value_of(text: str, variables: dict[str, float] | None = None) -> Value | None:
     """The value of a LaTeX arithmetic expression, or None if it is not one this parser reads or has no finite real
-    value (infinity only where the text says \\infty)."""
+    value (infinity only where the text says \\infty), or a value too large to compute."""
     tokens = _TOKEN.findall(text)
     if len(text) > _MAX_LENGTH or "".join(tokens) != text:  # a character the grammar does not know
         return None
     try:
         parser = _Parser(tokens, variables or {})
         value = parser.expression()
-        if not parser.done() or isinstance(value, complex) or math.isnan(value):
+        if not parser.done():
             return None
-        return value if math.isfinite(value) or "\\infty" in tokens else None
-    except (ValueError, TypeError, ZeroDivisionError, OverflowError, IndexError, RecursionError):
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value) and "\\infty" not in tokens):
+            return None
+        return value
+    except (ValueError, ZeroDivisionError, OverflowError, IndexError, RecursionError):
         return None
+
+
+def _bounded(value: Value) -> Value:
+    """An exact value whose numerator or denominator outgrows _MAX_BITS would make every further step slower."""
+    if _exact(value) and max(value.numerator.bit_length(), value.denominator.bit_length()) > _MAX_BITS:
+        raise OverflowError
+    return value
 
 
 class _Parser:
@@ -255,7 +271,7 @@ class _Parser:
     def expression(self) -> Value:
         value = self.term()
         while self.peek() in ("+", "-"):
-            value = value + self.term() if self.take() == "+" else value - self.term()
+            value = _bounded(value + self.term() if self.take() == "+" else value - self.term())
         return value
 
     def term(self) -> Value:
@@ -264,12 +280,12 @@ class _Parser:
             token = self.peek()
             if token in ("*", "\\cdot", "\\times"):
                 self.take()
-                value *= self.factor()
+                value = _bounded(value * self.factor())
             elif token == "/":
                 self.take()
-                value /= self.factor()
+                value = _bounded(value / self.factor())
             elif token is not None and (token in self._ATOM_STARTS or token[0].isalnum() or token[0] == "."):
-                value *= self.factor()  # an implicit product: 2x, 2\\sqrt{3}, x(y + 1)
+                value = _bounded(value * self.factor())  # an implicit product: 2x, 2\\sqrt{3}, x(y + 1)
             else:
                 return value
 
@@ -298,13 +314,15 @@ class _Parser:
     def atom(self) -> Value:
         token = self.take()
         if token[0].isdigit() or token[0] == ".":
-            return self.mixed_number(Fraction(token)) if token.isdigit() else Fraction(token)
+            if abs(int(token.lower().partition("e")[2] or 0)) > _MAX_EXPONENT:  # 1e99999999: 10^99999999 exactly
+                raise OverflowError
+            return self.mixed_number(Fraction(token)) if token.isdigit() else _bounded(Fraction(token))
         if token in ("(", "{"):
             value = self.expression()
             self.take(")" if token == "(" else "}")
             return value
         if token == "\\frac":
-            return self.group() / self.group()
+            return _bounded(self.group() / self.group())
         if token == "\\sqrt":
             degree = 2.0
             if self.peek() == "[":
