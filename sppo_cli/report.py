@@ -124,8 +124,9 @@ def plot(runs: dict[str, list[Iteration]], path: Path) -> None:
     if not has_accuracy:
         second.axis("off")
     lengths.set(title="Mean response length", xlabel="iteration", ylabel="tokens")
-    lengths.set_ylim(bottom=0)
-    losses.set(title="Training loss", xlabel="optimizer step (all iterations)", ylabel="SPPO loss")
+    highest = max((y for line in lengths.get_lines() for y in line.get_ydata() if y is not None), default=0)
+    lengths.set_ylim(0, 1.2 * highest or None)  # from zero, with room above lengths that hardly change
+    losses.set(title="Training loss", xlabel="optimizer step (all iterations)", ylabel="loss (each run's --loss)")
     for axes in (wins, second, lengths):
         axes.set_xticks(sorted({it.number for its in runs.values() for it in its}))
     for axes in (wins, second, lengths, losses):
