@@ -279,7 +279,7 @@ class TrainConfig(TrackingOptions, TemplateOptions):
     load_in_4bit: bool = setting(False, "QLoRA: load the base in 4 bits (CUDA + bitsandbytes; needs --lora-r).")
     attn_implementation: str | None = setting(None, "Attention kernel (eager, sdpa, flash_attention_2, ...).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("float32", "Dtype of the policy's weights.")
-    bf16: bool | None = setting(None, "bf16 mixed precision [on where the GPU supports it].")
+    bf16: bool | None = setting(None, "bf16 mixed precision (default: on where the GPU supports it).")
     fp16: bool = setting(False, "fp16 mixed precision (GPUs without bf16).")
     num_processes: int = setting(1, "Processes (GPUs) on this node, launched with torchrun.", at_least=1)
     deepspeed: str | None = setting(None, "DeepSpeed config, e.g. recipes/deepspeed/zero3.json.", file=True)
@@ -312,3 +312,20 @@ class TinyConfig(Settings):
     """The tiny offline models of the demo and the tests."""
 
     seed: int = setting(0, "Random seed of the weights.")
+
+
+# ---- publishing -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushConfig(Settings):
+    """`sppo push`: how a finished output is published (nothing is pushed without a repository id)."""
+
+    public: bool = setting(False, "Publish openly; repositories are private otherwise.")
+    revision: str | None = setting(None, "A branch of the repository to push to.")
+    base_model: str | None = setting(None, "A model's card: the hub id it was trained from (by default its input, "
+                                     "when that was a hub id).")  # fmt: skip
+    dataset: list[str] = setting([], "A model's card: the hub id of its training data, repeatable (by default its "
+                                 "input, when that was a hub id).")  # fmt: skip
+    eval: list[str] = setting([], "A model's card: an `sppo eval` output of it, for its model-index (repeatable).")
+    include_adapter: bool = setting(False, "A LoRA run: push its adapter/ too.")

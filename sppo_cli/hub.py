@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sppo_cli.cards import dataset_card, license_of, model_card
+from sppo_cli.config import PushConfig
 from sppo_cli.data import MANIFEST, load_stage, read_manifest
 from sppo_cli.errors import SppoError, first_line
 from sppo_cli.logs import LOG_NAME, logger
@@ -26,10 +27,8 @@ MODEL_STAGES = {"train", "tiny-model", "tiny-math-model", "tiny-pairrm", "tiny-r
 ATTEMPTS, BACKOFF = 4, 2.0  # seconds before the second attempt; doubled each time
 
 
-def push(directory: str | Path, repo_id: str, public: bool = False, revision: str | None = None,
-         base_model: str | None = None, datasets: tuple[str, ...] = (), evals: tuple[str, ...] = (),
-         include_adapter: bool = False) -> str:  # fmt: skip
-    """Publish the finished output `directory` to `repo_id` (on branch `revision`); returns what happened."""
+def push(directory: str | Path, repo_id: str, config: PushConfig = PushConfig()) -> str:
+    """Publish the finished output `directory` to `repo_id` as `config` says; returns what happened."""
     from huggingface_hub import HfApi, get_token
 
     directory = Path(directory)
@@ -41,13 +40,14 @@ def push(directory: str | Path, repo_id: str, public: bool = False, revision: st
     with tempfile.TemporaryDirectory(prefix="sppo-push-") as staging:
         folder = Path(staging) / "upload"
         if kind == "model":
-            evaluations = [read_manifest(path) for path in evals]
-            license = license_of(base_model or manifest["inputs"].get("model"))
-            card = model_card(manifest, repo_id.split("/")[-1], base_model, list(datasets), evaluations, license)
-            _stage_model(directory, folder, card, include_adapter)
+            evaluations = [read_manifest(path) for path in config.eval]
+            license = license_of(config.base_model or manifest["inputs"].get("model"))
+            card = model_card(manifest, repo_id.split("/")[-1], config.base_model, config.dataset, evaluations,
+                              license)  # fmt: skip
+            _stage_model(directory, folder, card, config.include_adapter)
         else:
             _stage_dataset(directory, folder, dataset_card(manifest, repo_id.split("/")[-1]))
-        return _with_retries(repo_id, lambda: _upload(api, folder, repo_id, kind, public, revision))
+        return _with_retries(repo_id, lambda: _upload(api, folder, repo_id, kind, config.public, config.revision))
 
 
 def _stage_model(directory: Path, folder: Path, card: str, include_adapter: bool) -> None:

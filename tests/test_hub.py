@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sppo_cli import hub as publishing
-from sppo_cli.config import EvalConfig, GenerateConfig, RankConfig, TrainConfig
+from sppo_cli.config import EvalConfig, GenerateConfig, PushConfig, RankConfig, TrainConfig
 from sppo_cli.errors import SppoError
 from sppo_cli.eval import evaluate
 from sppo_cli.generate import generate
@@ -86,8 +86,9 @@ def test_datasets_go_as_parquet_with_a_card_and_load_back_into_sppo_train(hub, o
 
 
 def test_a_model_goes_with_a_card_that_chains_the_lineage_and_loads_back(hub, outputs, tmp_path):
-    outcome = publishing.push(outputs / "model", "org/tiny-SPPO-Iter1", public=True, base_model="org/tiny-base",
-                              datasets=("org/tiny-rankings-iter1",), evals=(str(outputs / "eval"),))  # fmt: skip
+    config = PushConfig(public=True, base_model="org/tiny-base", dataset=["org/tiny-rankings-iter1"],
+                        eval=[str(outputs / "eval")])  # fmt: skip
+    outcome = publishing.push(outputs / "model", "org/tiny-SPPO-Iter1", config)
     assert outcome.startswith("pushed to ") and not hub.repos[("model", "org/tiny-SPPO-Iter1")].private
     files = hub.files("model", "org/tiny-SPPO-Iter1")
     assert {"model.safetensors", "config.json", "tokenizer.json", "manifest.json", "README.md"} <= set(files)
@@ -119,10 +120,10 @@ def test_an_identical_output_is_not_pushed_twice_and_a_branch_per_iteration_work
     assert hub.repos[("dataset", "org/tiny-generations-iter1")].commits == commits
     publishing.push(outputs / "model", "org/tiny-SPPO-Iter1")
     assert "model-index" not in card_metadata(hub.files("model", "org/tiny-SPPO-Iter1")["README.md"])
-    outcome = publishing.push(outputs / "model", "org/tiny-SPPO-Iter1", evals=(str(outputs / "eval"),))
+    outcome = publishing.push(outputs / "model", "org/tiny-SPPO-Iter1", PushConfig(eval=[str(outputs / "eval")]))
     assert outcome.startswith("pushed to ")  # the same model with a new card: the card goes up
     assert "model-index" in card_metadata(hub.files("model", "org/tiny-SPPO-Iter1")["README.md"])
-    publishing.push(outputs / "model", "org/tiny-SPPO", revision="iter1")
+    publishing.push(outputs / "model", "org/tiny-SPPO", PushConfig(revision="iter1"))
     assert "model.safetensors" in hub.files("model", "org/tiny-SPPO", "iter1")
 
 
@@ -148,14 +149,14 @@ def test_a_failed_push_is_one_line_and_leaves_the_output_as_it_was(hub, outputs,
 
 
 def test_an_existing_repository_keeps_its_visibility_and_a_push_of_the_other_is_refused(hub, outputs):
-    publishing.push(outputs / "generations", "org/open", public=True)
+    publishing.push(outputs / "generations", "org/open", PushConfig(public=True))
     commits = hub.repos[("dataset", "org/open")].commits
     with pytest.raises(SppoError, match="org/open exists and is public: push to it with --public"):
         publishing.push(outputs / "rankings", "org/open")  # private by default: never into a public repository
     assert hub.repos[("dataset", "org/open")].commits == commits
     publishing.push(outputs / "generations", "org/closed")
     with pytest.raises(SppoError, match="org/closed exists and is private, and --public does not change that"):
-        publishing.push(outputs / "generations", "org/closed", public=True)
+        publishing.push(outputs / "generations", "org/closed", PushConfig(public=True))
     assert hub.repos[("dataset", "org/closed")].private
 
 
@@ -180,6 +181,10 @@ def test_the_commands_push_when_asked(capsys, hub, outputs, tmp_path):
     assert code == 0 and ("dataset", "org/pushed") in hub.repos
     code, err = run_cli(capsys, "push", outputs / "rankings")
     assert code == 2  # --repo-id is required: no organisation is ever assumed
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("push:\n  public: true\n")  # a recipe sets what the flags can
+    code, err = run_cli(capsys, "push", outputs / "generations", "--repo-id", "org/open", "--config", recipe)
+    assert code == 0 and not hub.repos[("dataset", "org/open")].private
     assert json.loads(hub.files("dataset", "org/pushed")["manifest.json"])["stage"] == "rank"
 
 

@@ -75,32 +75,46 @@ def option(spec: dataclasses.Field) -> inspect.Parameter:
     return parameter(spec.name, Annotated[spec.type, typer.Option(*names, help=help)], default)
 
 
-def stage_command(settings: type[Settings], *inputs: inspect.Parameter, output: inspect.Parameter = OUTPUT,
-                  publishable: bool = True) -> Callable[[Callable], Callable]:  # fmt: skip
-    """Turn `run(config, *inputs, output, overwrite, verbose)` into a command whose options are the inputs,
-    `--output`, `--config`, one option per settings field, `--overwrite`, `--verbose` and, for the stages whose output
-    may be published, `--push-to-hub` and `--public` (the output is pushed once it is finished)."""
+def settings_command(settings: type[Settings], *arguments: inspect.Parameter,
+                     after: tuple[inspect.Parameter, ...] = ()) -> Callable[[Callable], Callable]:  # fmt: skip
+    """Turn `run(config, *arguments, *after)` into a command whose options are the arguments, `--config`, one option
+    per settings field, then `after`."""
     names = [spec.name for spec in dataclasses.fields(settings)]
 
     def decorate(run: Callable) -> Callable:
         def command(**values):
             values.pop("config")  # the recipe, already read into the defaults
-            config = settings(**{name: values.pop(name) for name in names})
-            repo_id, public = values.pop("push_to_hub", None), values.pop("public", False)
-            result = run(config, **values)
-            if repo_id:
-                from sppo_cli.hub import push
-
-                console.print(f"[green]✓[/green] {values['output']}: {push(values['output'], repo_id, public)}",
-                              soft_wrap=True, highlight=False)  # fmt: skip
-            return result
+            return run(settings(**{name: values.pop(name) for name in names}), **values)
 
         options = [option(spec) for spec in dataclasses.fields(settings)]
-        publishing = [PUSH_TO_HUB, PUBLIC] if publishable else []
-        command.__signature__ = inspect.Signature([*inputs, output, CONFIG, *options, OVERWRITE, VERBOSE, *publishing])
+        command.__signature__ = inspect.Signature([*arguments, CONFIG, *options, *after])
         command.__name__, command.__doc__ = run.__name__, run.__doc__
         command.settings = names
         return command
+
+    return decorate
+
+
+def stage_command(settings: type[Settings], *inputs: inspect.Parameter, output: inspect.Parameter = OUTPUT,
+                  publishable: bool = True) -> Callable[[Callable], Callable]:  # fmt: skip
+    """Turn `run(config, *inputs, output, overwrite, verbose)` into a command whose options are the inputs,
+    `--output`, `--config`, one option per settings field, `--overwrite`, `--verbose` and, for the stages whose output
+    may be published, `--push-to-hub` and `--public` (the output is pushed once it is finished)."""
+
+    def decorate(run: Callable) -> Callable:
+        def run_and_publish(config: Settings, push_to_hub: str | None = None, public: bool = False, **values):
+            result = run(config, **values)
+            if push_to_hub:
+                from sppo_cli.config import PushConfig
+                from sppo_cli.hub import push
+
+                outcome = push(values["output"], push_to_hub, PushConfig(public=public))
+                console.print(f"[green]✓[/green] {values['output']}: {outcome}", soft_wrap=True, highlight=False)
+            return result
+
+        run_and_publish.__name__, run_and_publish.__doc__ = run.__name__, run.__doc__
+        publishing = (PUSH_TO_HUB, PUBLIC) if publishable else ()
+        return settings_command(settings, *inputs, output, after=(OVERWRITE, VERBOSE, *publishing))(run_and_publish)
 
     return decorate
 

@@ -8,8 +8,8 @@ from sppo_cli.cli.options import console
 
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Pipeline output directories (several: compared side by side).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write [the first run's directory].")
-                      ] = None,  # fmt: skip
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Where to write (default: the first run's directory).")] = None,  # fmt: skip
 ):
     """Rebuild report.md and report.png of pipeline runs from their stages' manifests."""
     from sppo_cli.report import write_report
