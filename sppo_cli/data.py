@@ -219,6 +219,11 @@ def published(source: str) -> Path | None:
     return path if (path / MANIFEST).is_file() else None
 
 
+def sampled_chat_template(manifest: dict) -> str | None:
+    """The fingerprint of the --chat-template a generate or eval output was sampled with; None: the model's own."""
+    return manifest.get("identity", {}).get("inputs", {}).get("chat_template")
+
+
 def read_manifest(path: str | Path) -> dict:
     path = published(str(path)) or Path(path)
     if not path.exists():

@@ -17,7 +17,7 @@ from datasets import Dataset
 
 from sppo_cli.config import EvalConfig, RankerOptions
 from sppo_cli.data import CONVERSATION, MANIFEST, PROMPT, PROMPT_TEXT, RESPONSE_TOKENS, RESPONSES, conversations
-from sppo_cli.data import load_prompts, load_stage, published, read_manifest
+from sppo_cli.data import load_prompts, load_stage, published, read_manifest, sampled_chat_template
 from sppo_cli.errors import SppoError
 from sppo_cli.generate import check_engine, sample
 from sppo_cli.identity import template_fingerprint
@@ -47,8 +47,7 @@ def read_responses(source: str, config: EvalConfig) -> Dataset | None:
     if manifest.get("stage") not in ("generate", "eval"):  # a model: a hub id, a directory, or sppo train's output
         resolve_model(source)
         return None
-    template = manifest.get("identity", {}).get("inputs", {}).get("chat_template")
-    sampled = {**manifest.get("parameters", {}), "chat_template": template}
+    sampled = {**manifest.get("parameters", {}), "chat_template": sampled_chat_template(manifest)}
     wanted = {**config.distribution(), "system_prompt": config.system_prompt,
               "chat_template": template_fingerprint(config.chat_template)}  # fmt: skip
     changed = [f"{name} {sampled.get(name)!r}" for name, value in wanted.items() if sampled.get(name, value) != value]

@@ -30,6 +30,7 @@ from sppo_cli.data import (
     SCORES,
     conversations,
     load_stage,
+    sampled_chat_template,
     validate_generations,
 )
 from sppo_cli.errors import SppoError
@@ -115,13 +116,12 @@ def rank(generations: str, output: str | Path, config: RankConfig, overwrite: bo
     """Run the stage: returns the manifest and whether `output` was already this run's finished result."""
     data, sampled = load_stage(generations, "generate")
     data = validate_generations(data, generations)
-    template = sampled.get("identity", {}).get("inputs", {}).get("chat_template")  # training must use it too
     inputs = {"generations": generations, "ranker": ranker_source(config.ranker)}
     run = StageRun("rank", output, config, inputs, overwrite, input_types={"generations": "dataset"})
 
     def work(partial: Path) -> dict:
         rankings, stats = rank_all(data, config, partial / SHARDS)
         save_dataset(rankings, partial)
-        return {"rows": len(rankings), **stats, SAMPLED_CHAT_TEMPLATE: template}
+        return {"rows": len(rankings), **stats, SAMPLED_CHAT_TEMPLATE: sampled_chat_template(sampled)}
 
     return run_stage(run, work, verbose)

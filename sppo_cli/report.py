@@ -7,13 +7,13 @@ every later evaluation's baseline) and, per iteration t, `iter{t}/{generations,r
 """
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sppo_cli.data import MANIFEST
 from sppo_cli.errors import SppoError
+from sppo_cli.stage import atomic_write
 
 STAGES = ("generations", "rankings", "model", "eval", "eval-previous")
 
@@ -38,9 +38,10 @@ def read_run(directory: Path) -> list[Iteration]:
     for number, path in sorted(numbered):
         iteration = Iteration(number)
         for stage in STAGES:
-            manifest = path / stage / MANIFEST
-            if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
-                iteration.manifests[stage] = json.loads(manifest.read_text())
+            file = path / stage / MANIFEST
+            manifest = json.loads(file.read_text()) if file.is_file() else {}
+            if manifest.get("complete"):
+                iteration.manifests[stage] = manifest
         history = path / "model" / "log_history.json"
         if "model" in iteration.manifests and history.is_file():
             iteration.losses = [entry["loss"] for entry in json.loads(history.read_text()) if "loss" in entry]
@@ -175,12 +176,6 @@ def write_report(directories: list[Path], output: Path | None = None) -> tuple[P
     output.mkdir(parents=True, exist_ok=True)
     markdown, picture = output / "report.md", output / "report.png"
     text = "# SPPO report\n\n" + "\n\n".join(table(name, its) for name, its in runs.items()) + "\n\n![](report.png)\n"
-    _atomic_write(markdown, lambda path: path.write_text(text))
-    _atomic_write(picture, lambda path: plot(runs, path))
+    atomic_write(markdown, lambda path: path.write_text(text))
+    atomic_write(picture, lambda path: plot(runs, path))
     return markdown, picture
-
-
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    write(temporary)
-    os.replace(temporary, path)

@@ -47,11 +47,16 @@ def partial_dir(output: Path) -> Path:
     return output.with_name(output.name + PARTIAL_SUFFIX)
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write atomically: the file is either absent or complete, whenever the process is killed."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Have `write` write a temporary file (of the same suffix), then rename it to `path`: the file is either absent
+    or complete, whenever the process is killed."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    write(temporary)
     os.replace(temporary, path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(value, indent=1) + "\n"))
 
 
 class StageRun:

@@ -52,6 +52,7 @@ def check_trl_version(version: str) -> None:
 check_trl_version(trl.__version__)
 
 PAPER = TrainConfig()  # the paper's settings, the defaults below
+LOSS_TYPES = SPPO_LOSSES + tuple(BASELINE_LOSSES.values())  # trl's loss_type names this trainer takes
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *WIN_RATE_COLUMNS}
 _RESPONSE_PLACEHOLDER = "SPPO-RESPONSE-PLACEHOLDER-3f9c1e"
 
@@ -82,7 +83,7 @@ class SPPOConfig(DPOConfig):
     """DPOConfig with the SPPO paper's defaults (config.TrainConfig) and `max_prompt_length`."""
 
     loss_type: list[str] = field(default_factory=lambda: [PAPER.loss],
-                                 metadata={"help": f"One of {SPPO_LOSSES + tuple(BASELINE_LOSSES.values())}."})
+                                 metadata={"help": f"One of {LOSS_TYPES}."})
     beta: float = PAPER.beta
     learning_rate: float = PAPER.learning_rate
     optim: str = PAPER.optim
@@ -114,9 +115,8 @@ class SPPOConfig(DPOConfig):
             PartialState(backend="gloo", cpu=not self.deepspeed)
             self.accelerator_config = {"use_configured_state": True}
         super().__post_init__()
-        known = SPPO_LOSSES + tuple(BASELINE_LOSSES.values())
-        if len(self.loss_type) != 1 or self.loss_type[0] not in known:
-            raise SppoError(f"loss must be one of {', '.join(known)}, got {', '.join(self.loss_type)}")
+        if len(self.loss_type) != 1 or self.loss_type[0] not in LOSS_TYPES:
+            raise SppoError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {', '.join(self.loss_type)}")
         if self.beta <= 0:
             raise SppoError(f"beta must be positive, got {self.beta}")
 

@@ -14,7 +14,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from sppo_cli.config import Settings
+from sppo_cli.config import PushConfig, Settings
 from sppo_cli.errors import SppoError, first_line
 
 console = Console(stderr=True)
@@ -105,7 +105,6 @@ def stage_command(settings: type[Settings], *inputs: inspect.Parameter, output: 
         def run_and_publish(config: Settings, push_to_hub: str | None = None, public: bool = False, **values):
             result = run(config, **values)
             if push_to_hub:
-                from sppo_cli.config import PushConfig
                 from sppo_cli.hub import push
 
                 outcome = push(values["output"], push_to_hub, PushConfig(public=public))
