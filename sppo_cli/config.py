@@ -157,10 +157,7 @@ class GenerateConfig(WorkOptions, EngineOptions, SamplingOptions, PromptOptions)
 
     def identity(self) -> dict:
         settings = super().identity()
-        if self.backend == "vllm":  # every prompt has its own seed: vLLM's samples do not depend on the batches
-            del settings["batch_size"]
-        else:  # the transformers backend seeds a batch at a time, and batches never cross shards
-            settings["shard_size"] = self.shard_size
+        del settings["batch_size"]  # every prompt has its own seed: its samples do not depend on the batches
         return settings
 
 
@@ -203,6 +200,9 @@ def ranker_kind(spec: str) -> str:
 @dataclass(frozen=True)
 class RankConfig(WorkOptions, RankerOptions):
     """`sppo rank`: judge the K responses of each prompt; win rates and the chosen/rejected pair."""
+
+    drop_truncated: bool = setting(False, "Never choose or reject a response that --max-new-tokens cut off (it still "
+                                   "counts in the others' win rates); a prompt left with fewer than two is dropped.")
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------------

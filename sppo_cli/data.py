@@ -20,11 +20,18 @@ from sppo_cli.errors import SppoError, first_line
 # Prompts
 PROMPT = "prompt"
 # Generations: the prompt as chat messages (system turn included), the exact chat-formatted text that was sampled
-# from, the K responses and their lengths
+# from and its token ids, the K responses, their lengths, their sampled token ids and why each ended ("stop": the
+# model ended it; "length": --max-new-tokens cut it)
 CONVERSATION = "conversation"
 PROMPT_TEXT = "prompt_text"
+PROMPT_TOKEN_IDS = "prompt_token_ids"
 RESPONSES = "responses"
 RESPONSE_TOKENS = "response_tokens"
+RESPONSE_TOKEN_IDS = "response_token_ids"
+FINISH_REASONS = "finish_reasons"
+STOPPED, TRUNCATED = "stop", "length"  # the finish reasons
+PER_RESPONSE = (RESPONSES, RESPONSE_TOKENS, RESPONSE_TOKEN_IDS, FINISH_REASONS)  # a list of K per row
+GENERATED = (CONVERSATION, PROMPT_TEXT, PROMPT_TOKEN_IDS, *PER_RESPONSE)  # what `sppo generate` adds to the prompts
 # Rankings: the published SPPO training format ...
 CHOSEN = "chosen"
 REJECTED = "rejected"
@@ -32,6 +39,12 @@ CHOSEN_PROBS = "chosen_probs"
 CHOSEN_PROBS_WIN = "chosen_probs_win"
 CHOSEN_PROBS_LOSE = "chosen_probs_lose"
 WIN_RATE_COLUMNS = (CHOSEN_PROBS, CHOSEN_PROBS_WIN, CHOSEN_PROBS_LOSE)
+# ... plus which of the K responses the two are, and their sampled token ids (when the generations have them),
+# which training scores
+CHOSEN_INDEX = "chosen_index"
+REJECTED_INDEX = "rejected_index"
+CHOSEN_TOKEN_IDS = "chosen_token_ids"
+REJECTED_TOKEN_IDS = "rejected_token_ids"
 # ... plus what the ranking was made from
 SCORES = "scores"
 PROBABILITY = "probability"
@@ -39,6 +52,7 @@ PROBABILITY = "probability"
 MANIFEST = "manifest.json"
 SAMPLED_CHAT_TEMPLATE = "sampled_chat_template"  # a rank manifest's: the --chat-template its responses were sampled
 # with (the content's fingerprint; None: the model's own), which training must use too
+SAMPLED_VOCABULARY = "sampled_vocabulary"  # a generate and rank manifest's: the vocabulary of the token ids
 PARTIAL_SUFFIX = ".partial"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -86,9 +100,8 @@ def load_prompts(source: str, split: str = "train", prompt_column: str = PROMPT,
             data = data.remove_columns(PROMPT)
         data = _require_columns(data, [prompt_column], source).rename_column(prompt_column, PROMPT)
     data = _require_columns(data, [PROMPT], source)
-    # Columns `sppo generate` writes: a generations directory used as prompts is sampled afresh.
-    generated = (CONVERSATION, PROMPT_TEXT, RESPONSES, RESPONSE_TOKENS)
-    data = data.remove_columns([c for c in generated if c in data.column_names])
+    # a generations directory used as prompts is sampled afresh
+    data = data.remove_columns([c for c in GENERATED if c in data.column_names])
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     _require_rows(data, source)

@@ -16,8 +16,21 @@ import numpy as np
 from datasets import Dataset
 
 from sppo_cli.config import EvalConfig, RankerOptions
-from sppo_cli.data import CONVERSATION, MANIFEST, PROMPT, PROMPT_TEXT, RESPONSE_TOKENS, RESPONSES, conversations
-from sppo_cli.data import load_prompts, load_stage, published, read_manifest, sampled_chat_template
+from sppo_cli.data import (
+    CONVERSATION,
+    GENERATED,
+    MANIFEST,
+    PER_RESPONSE,
+    PROMPT,
+    RESPONSE_TOKENS,
+    RESPONSES,
+    conversations,
+    load_prompts,
+    load_stage,
+    published,
+    read_manifest,
+    sampled_chat_template,
+)
 from sppo_cli.errors import SppoError
 from sppo_cli.generate import check_engine, sample
 from sppo_cli.identity import template_fingerprint
@@ -36,7 +49,7 @@ JUDGEMENTS = "judgements"  # P(model beats baseline), one per response pair
 CORRECT, BASELINE_CORRECT = "correct", "baseline_correct"  # rule:math only
 ROW = "row"  # the prompt's row, which aligns the two sides
 _JUDGED = (BASELINE_RESPONSES, BASELINE_RESPONSE_TOKENS, JUDGEMENTS, CORRECT, BASELINE_CORRECT)
-_SAMPLED = (PROMPT_TEXT, RESPONSES, RESPONSE_TOKENS, *_JUDGED)  # and CONVERSATION: kept, the prompt as messages
+_SAMPLED = (*(c for c in GENERATED if c != CONVERSATION), *_JUDGED)  # CONVERSATION is kept: the prompt as messages
 
 
 def read_responses(source: str, config: EvalConfig) -> Dataset | None:
@@ -65,8 +78,8 @@ def read_responses(source: str, config: EvalConfig) -> Dataset | None:
     if fewest < count:
         raise SppoError(f"{source} has {fewest} response(s) for some prompt; --num-samples {count} needs {count}")
     data = data.remove_columns([c for c in (*_JUDGED, ROW) if c in data.column_names])  # an eval output's own
-    return data.map(lambda row: {RESPONSES: row[RESPONSES][:count], RESPONSE_TOKENS: row[RESPONSE_TOKENS][:count]},
-                    keep_in_memory=True)  # fmt: skip
+    per_response = [c for c in PER_RESPONSE if c in data.column_names]
+    return data.map(lambda row: {c: row[c][:count] for c in per_response}, keep_in_memory=True)
 
 
 def eval_prompts(model_side: Dataset | None, baseline_side: Dataset | None, prompts: str | None,

@@ -17,10 +17,22 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from sppo_cli.backends import Backend, make_backend, resolve_backend
+from sppo_cli.backends import Backend, Completion, make_backend, resolve_backend
 from sppo_cli.config import GenerateConfig, SamplingOptions
-from sppo_cli.data import CONVERSATION, PROMPT_TEXT, RESPONSE_TOKENS, RESPONSES, load_prompts
+from sppo_cli.data import (
+    CONVERSATION,
+    FINISH_REASONS,
+    PROMPT_TEXT,
+    PROMPT_TOKEN_IDS,
+    RESPONSE_TOKEN_IDS,
+    RESPONSE_TOKENS,
+    RESPONSES,
+    SAMPLED_VOCABULARY,
+    TRUNCATED,
+    load_prompts,
+)
 from sppo_cli.errors import SppoError
+from sppo_cli.identity import vocabulary_fingerprint
 from sppo_cli.logs import ProgressBar
 from sppo_cli.models import chat_prompt, encode_chat_prompt, gpu_count, load_tokenizer
 from sppo_cli.stage import SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
@@ -40,12 +52,16 @@ def sample_shard(backend: Backend, sampling: SamplingOptions, texts: list[str], 
     kept = [i for i, row in enumerate(ids) if len(row) < backend.max_model_len]
     seeds = [prompt_seed(sampling.seed, shard.start + i) for i in kept]
     completions = backend.generate([ids[i] for i in kept], seeds, sampling) if kept else []
-    responses: list[list[str] | None] = [None] * len(ids)
-    token_counts: list[list[int] | None] = [None] * len(ids)
+    sampled: list[Completion | None] = [None] * len(ids)
     for i, completion in zip(kept, completions):
-        responses[i], token_counts[i] = completion.responses, completion.token_counts
-    return {"prompt_text": texts[shard.start : shard.stop], "responses": responses, "response_tokens": token_counts,
-            "num_tokens": sum(c.num_tokens for c in completions), "max_model_len": backend.max_model_len}
+        sampled[i] = completion
+    return {PROMPT_TEXT: texts[shard.start : shard.stop], PROMPT_TOKEN_IDS: ids,
+            **{column: [getattr(c, field) if c else None for c in sampled] for column, field in _COMPLETION.items()},
+            "num_tokens": sum(c.num_tokens for c in completions), "max_model_len": backend.max_model_len}  # fmt: skip
+
+
+_COMPLETION = {RESPONSES: "responses", RESPONSE_TOKENS: "token_counts", RESPONSE_TOKEN_IDS: "token_ids",
+               FINISH_REASONS: "finish_reasons"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -77,22 +93,22 @@ def sample(model: str, prompts: Dataset, config: GenerateConfig, directory: Path
         results = run_shards(directory, len(texts), config.shard_size, open_worker, bar, config.data_parallel_size,
                              config.tensor_parallel_size)  # fmt: skip
     seconds = time.perf_counter() - started
-    responses = [row for result in results for row in result["responses"]]
-    token_counts = [row for result in results for row in result["response_tokens"]]
-    texts = [text for result in results for text in result["prompt_text"]]  # as sampled, in an earlier run or this
-    kept = [i for i, row in enumerate(responses) if row is not None]
+    # by row, as sampled (in an earlier run or this one)
+    columns = {column: [row for result in results for row in result[column]] for column in (PROMPT_TEXT,
+               PROMPT_TOKEN_IDS, *_COMPLETION)}  # fmt: skip
+    kept = [i for i, row in enumerate(columns[RESPONSES]) if row is not None]
     if not kept:
         context = results[0]["max_model_len"]
         raise SppoError(f"every prompt is longer than the model's context window ({context} tokens)")
     generations = prompts.select(kept)
-    generations = generations.add_column(PROMPT_TEXT, [texts[i] for i in kept])
-    generations = generations.add_column(RESPONSES, [responses[i] for i in kept])
-    generations = generations.add_column(RESPONSE_TOKENS, [token_counts[i] for i in kept])
+    for column, values in columns.items():
+        generations = generations.add_column(column, [values[i] for i in kept])
     tokens = sum(result["num_tokens"] for result in results)
     stats = {
         "prompts": len(kept),
         "skipped_too_long": len(texts) - len(kept),
         "samples": len(kept) * config.num_samples,
+        "truncated_samples": sum(reasons.count(TRUNCATED) for reasons in generations[FINISH_REASONS]),
         "generated_tokens": tokens,
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
     }
@@ -104,13 +120,14 @@ def generate(model: str, prompts: str, output: str | Path, config: GenerateConfi
     """Run the stage: returns the manifest and whether `output` was already this run's finished result."""
     config = check_engine(config)
     prompt_data = load_prompts(prompts, config.split, config.prompt_column, config.limit, config.system_prompt)
-    chat_prompt(load_tokenizer(model, config.chat_template), prompt_data[0][CONVERSATION])  # fails before writing
+    tokenizer = load_tokenizer(model, config.chat_template)
+    chat_prompt(tokenizer, prompt_data[0][CONVERSATION])  # fails before writing
     run = StageRun("generate", output, config, {"model": model, "prompts": prompts}, overwrite,
                    input_types={"prompts": "dataset"})  # fmt: skip
 
     def work(partial: Path) -> dict:
         generations, stats = sample(model, prompt_data, config, partial / SHARDS)
         save_dataset(generations, partial)
-        return {"rows": len(generations), **stats}
+        return {"rows": len(generations), **stats, SAMPLED_VOCABULARY: vocabulary_fingerprint(tokenizer)}
 
     return run_stage(run, work, verbose)

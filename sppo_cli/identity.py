@@ -8,6 +8,7 @@ the same name is never mistaken for the old one.
 """
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +68,12 @@ def template_fingerprint(chat_template: str | None) -> str | None:
     if chat_template and not Path(chat_template).is_file():
         raise SettingError("chat_template", f"names no file: {chat_template}")
     return fingerprint(chat_template) if chat_template else None
+
+
+def vocabulary_fingerprint(tokenizer) -> str:
+    """What token ids mean to `tokenizer`: ids sampled with one vocabulary are scored only by a model of the same."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]))
+    return "sha256:" + hashlib.sha256(vocabulary.encode()).hexdigest()
 
 
 def fingerprint(source: str, repo_type: RepoType = "model") -> str:

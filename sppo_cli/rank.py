@@ -13,21 +13,29 @@ import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 from datasets import Dataset
 
-from sppo_cli.config import RankConfig, RankerOptions
+from sppo_cli.config import RankConfig
 from sppo_cli.data import (
     CHOSEN,
+    CHOSEN_INDEX,
     CHOSEN_PROBS,
     CHOSEN_PROBS_LOSE,
     CHOSEN_PROBS_WIN,
+    CHOSEN_TOKEN_IDS,
+    FINISH_REASONS,
     PROBABILITY,
     PROMPT,
     REJECTED,
+    REJECTED_INDEX,
+    REJECTED_TOKEN_IDS,
+    RESPONSE_TOKEN_IDS,
     RESPONSES,
     SAMPLED_CHAT_TEMPLATE,
+    SAMPLED_VOCABULARY,
     SCORES,
+    STOPPED,
+    TRUNCATED,
     conversations,
     load_stage,
     sampled_chat_template,
@@ -41,13 +49,16 @@ from sppo_cli.stage import SHARDS, Shard, StageRun, run_shards, run_stage, save_
 JUDGE_BATCH = 64  # prompts handed to the ranker at once
 
 
-def ranking_row(prompt: list[dict[str, str]], responses: list[str], judgement: Judgement) -> dict | None:
-    """The training row for one prompt (its chat messages), or None when all K responses tie (no preference to
-    learn). `chosen` and `rejected` are the whole conversation with the response as the assistant's last turn."""
+def ranking_row(prompt: list[dict[str, str]], responses: list[str], judgement: Judgement,
+                candidates: list[int] | None = None) -> dict | None:  # fmt: skip
+    """The training row for one prompt (its chat messages), or None when the responses that may be chosen or rejected
+    (`candidates`, all by default) tie (no preference to learn). `chosen` and `rejected` are the whole conversation
+    with the response as the assistant's last turn."""
     matrix, scores = preference_matrix(judgement, len(responses))
     rates = win_rates(matrix)
     order = scores if scores is not None else rates
-    winner, loser = int(np.argmax(order)), int(np.argmin(order))
+    candidates = list(range(len(responses))) if candidates is None else candidates
+    winner, loser = max(candidates, key=order.__getitem__), min(candidates, key=order.__getitem__)
     if order[winner] == order[loser]:
         return None
     return {
@@ -56,6 +67,8 @@ def ranking_row(prompt: list[dict[str, str]], responses: list[str], judgement: J
         CHOSEN_PROBS: float(matrix[winner, loser]),
         CHOSEN_PROBS_WIN: float(rates[winner]),
         CHOSEN_PROBS_LOSE: float(rates[loser]),
+        CHOSEN_INDEX: winner,
+        REJECTED_INDEX: loser,
         SCORES: (scores if scores is not None else rates).tolist(),
         PROBABILITY: matrix.tolist(),
     }
@@ -73,22 +86,37 @@ def judge(ranker: Ranker, generations: Dataset) -> list[Judgement]:
     return judgements
 
 
-def rank_shard(ranker: Ranker, generations: Dataset, shard: Shard) -> dict:
-    """The ranking columns of one shard's prompts, by row (tied prompts left out), and the ranker's counts."""
+def rank_shard(ranker: Ranker, generations: Dataset, drop_truncated: bool, shard: Shard) -> dict:
+    """The ranking columns of one shard's prompts, by row (tied prompts, and with `drop_truncated` those with fewer
+    than two finished responses, left out), and the counts."""
     rows, counted_before = {}, ranker.stats()
     part = generations.select(range(shard.start, shard.stop))
-    for index, prompt, responses, judgement in zip(range(shard.start, shard.stop), conversations(part[:]),
-                                                   part[RESPONSES], judge(ranker, part)):  # fmt: skip
-        row = ranking_row(prompt, responses, judgement)
+    dropped = 0
+    for index, prompt, responses, reasons, judgement in zip(range(shard.start, shard.stop), conversations(part[:]),
+                                                            part[RESPONSES], finish_reasons(part),
+                                                            judge(ranker, part)):  # fmt: skip
+        finished = [i for i, reason in enumerate(reasons) if reason != TRUNCATED] if drop_truncated else None
+        if finished is not None and len(finished) < 2:
+            dropped += 1
+            continue
+        row = ranking_row(prompt, responses, judgement, finished)
         if row is not None:
             rows[index] = row
     counts = {name: count - counted_before.get(name, 0) for name, count in ranker.stats().items()}
-    return {"rows": rows, "tied_prompts": shard.size - len(rows), "ranker": counts}
+    return {"rows": rows, "tied_prompts": shard.size - len(rows) - dropped, "dropped_truncated_prompts": dropped,
+            "ranker": counts}  # fmt: skip
+
+
+def finish_reasons(generations: Dataset) -> list[list[str]]:
+    """Why each response ended; generations made before finish reasons were recorded count as stopped."""
+    if FINISH_REASONS in generations.column_names:
+        return generations[FINISH_REASONS]
+    return [[STOPPED] * len(responses) for responses in generations[RESPONSES]]
 
 
 @contextlib.contextmanager
-def _judge(options: RankerOptions, generations: Dataset) -> Iterator[Callable[[Shard], dict]]:
-    yield functools.partial(rank_shard, load_ranker(options), generations)
+def _judge(config: RankConfig, generations: Dataset) -> Iterator[Callable[[Shard], dict]]:
+    yield functools.partial(rank_shard, load_ranker(config), generations, config.drop_truncated)
 
 
 def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple[Dataset, dict]:
@@ -100,7 +128,8 @@ def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple
     rows = {int(index): row for result in results for index, row in result["rows"].items()}
     if not rows:
         raise SppoError(f"all {len(generations)} prompts had tied responses: nothing to train on")
-    stats = {"prompts": len(generations), "pairs": len(rows), "tied_prompts": sum(r["tied_prompts"] for r in results)}
+    stats = {"prompts": len(generations), "pairs": len(rows),
+             **{count: sum(r[count] for r in results) for count in ("tied_prompts", "dropped_truncated_prompts")}}
     for result in results:
         for name, count in result["ranker"].items():
             stats[name] = stats.get(name, 0) + count
@@ -108,7 +137,18 @@ def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple
     rankings = generations.select(indices)
     for column in rows[indices[0]]:
         rankings = rankings.add_column(column, [rows[i][column] for i in indices])
-    return rankings, stats
+    stats["pairs_with_truncated"] = sum(TRUNCATED in (reasons[row[CHOSEN_INDEX]], reasons[row[REJECTED_INDEX]])
+                                        for row, reasons in zip(rankings, finish_reasons(rankings)))  # fmt: skip
+    return with_sampled_tokens(rankings), stats
+
+
+def with_sampled_tokens(rankings: Dataset) -> Dataset:
+    """With the chosen and rejected responses' sampled token ids, which training scores."""
+    if RESPONSE_TOKEN_IDS not in rankings.column_names:  # generations made before token ids were kept
+        return rankings
+    return rankings.map(lambda row: {
+        CHOSEN_TOKEN_IDS: row[RESPONSE_TOKEN_IDS][row[CHOSEN_INDEX]],
+        REJECTED_TOKEN_IDS: row[RESPONSE_TOKEN_IDS][row[REJECTED_INDEX]]}, keep_in_memory=True)  # fmt: skip
 
 
 def rank(generations: str, output: str | Path, config: RankConfig, overwrite: bool = False,
@@ -122,6 +162,7 @@ def rank(generations: str, output: str | Path, config: RankConfig, overwrite: bo
     def work(partial: Path) -> dict:
         rankings, stats = rank_all(data, config, partial / SHARDS)
         save_dataset(rankings, partial)
-        return {"rows": len(rankings), **stats, SAMPLED_CHAT_TEMPLATE: sampled_chat_template(sampled)}
+        return {"rows": len(rankings), **stats, SAMPLED_CHAT_TEMPLATE: sampled_chat_template(sampled),
+                SAMPLED_VOCABULARY: sampled.get(SAMPLED_VOCABULARY)}  # fmt: skip
 
     return run_stage(run, work, verbose)

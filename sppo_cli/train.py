@@ -25,10 +25,25 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTok
 
 from sppo_cli.cards import license_of, model_card
 from sppo_cli.config import BASELINE_LOSSES, TrainConfig
-from sppo_cli.data import CHOSEN, MANIFEST, PROMPT_TEXT, REJECTED, WIN_RATE_COLUMNS, load_stage, read_dataset
-from sppo_cli.data import SAMPLED_CHAT_TEMPLATE, published, read_manifest, validate_rankings
+from sppo_cli.data import (
+    CHOSEN,
+    CHOSEN_TOKEN_IDS,
+    MANIFEST,
+    PROMPT_TEXT,
+    PROMPT_TOKEN_IDS,
+    REJECTED,
+    REJECTED_TOKEN_IDS,
+    SAMPLED_CHAT_TEMPLATE,
+    SAMPLED_VOCABULARY,
+    WIN_RATE_COLUMNS,
+    load_stage,
+    published,
+    read_dataset,
+    read_manifest,
+    validate_rankings,
+)
 from sppo_cli.errors import SppoError, first_line
-from sppo_cli.identity import template_fingerprint
+from sppo_cli.identity import template_fingerprint, vocabulary_fingerprint
 from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log
 from sppo_cli.models import bf16_supported, load_tokenizer, on_gpu, resolve_model, torch_dtype
 from sppo_cli.parallel import WorkerError, die_with_parent
@@ -68,31 +83,36 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
                       target_modules=modules, task_type="CAUSAL_LM")  # fmt: skip
 
 
-def load_rankings(source: str, chat_template: str | None = None) -> Dataset:
-    """A finished `sppo rank` output, or any dataset in the published SPPO training format. Rankings that say which
-    chat template their responses were sampled with must be trained with that one: training ends each response with
-    its end of turn, and the model keeps it for the next iteration's sampling."""
+def load_rankings(source: str, chat_template: str | None = None) -> tuple[Dataset, str | None]:
+    """A finished `sppo rank` output, or any dataset in the published SPPO training format, and the vocabulary of its
+    sampled token ids (None: none are known). Rankings that say which chat template their responses were sampled with
+    must be trained with that one: the model keeps it for the next iteration's sampling."""
     path = published(source) or Path(source)
     if not (path.is_dir() and (path / MANIFEST).exists()):
-        return validate_rankings(read_dataset(source), source)
+        return validate_rankings(read_dataset(source), source), None
     data, manifest = load_stage(source, "rank")
     sampled = manifest.get(SAMPLED_CHAT_TEMPLATE, template_fingerprint(chat_template))
     if sampled != template_fingerprint(chat_template):
         raise SppoError(f"{source} was sampled with " + ("the model's own chat template: train without --chat-template"
                         if sampled is None else "another --chat-template: train with the one it was sampled with"))
-    return validate_rankings(data, source)
+    return validate_rankings(data, source), manifest.get(SAMPLED_VOCABULARY)
 
 
-def to_trainer_format(rankings: Dataset) -> Dataset:
-    """The columns SPPOTrainer tokenizes: the two conversations, the win rates, and the sampled prompt text."""
+def to_trainer_format(rankings: Dataset, sampled_tokens: bool = False) -> Dataset:
+    """The columns SPPOTrainer tokenizes: the two conversations, the win rates, the sampled prompt text, and with
+    `sampled_tokens` the token ids that were sampled, which it then scores as they are."""
     keep = {CHOSEN, REJECTED, PROMPT_TEXT, *WIN_RATE_COLUMNS}
+    if sampled_tokens:
+        keep |= {PROMPT_TOKEN_IDS, CHOSEN_TOKEN_IDS, REJECTED_TOKEN_IDS}
     return rankings.select_columns([c for c in rankings.column_names if c in keep])
 
 
 def load_inputs(model: str, data: str, chat_template: str | None = None) -> tuple[PreTrainedTokenizerBase, Dataset]:
-    """The tokenizer and the trainer-ready rankings: bad input fails here, before any process starts."""
+    """The tokenizer and the trainer-ready rankings: bad input fails here, before any process starts. The sampled
+    token ids are trained on when the rankings have them in this tokenizer's vocabulary."""
     tokenizer = load_tokenizer(resolve_model(model), chat_template)
-    return tokenizer, to_trainer_format(load_rankings(data, chat_template))
+    rankings, vocabulary = load_rankings(data, chat_template)
+    return tokenizer, to_trainer_format(rankings, vocabulary == vocabulary_fingerprint(tokenizer))
 
 
 def last_complete_checkpoint(directory: Path) -> str | None:
@@ -185,20 +205,28 @@ def _fit(model: str, tokenizer, dataset: Dataset, partial: Path, config: TrainCo
         tokenizer.save_pretrained(partial)
     history = trainer.state.log_history
     (partial / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
+    scored = "sampled token ids" if CHOSEN_TOKEN_IDS in dataset.column_names else "re-tokenized text"
     return {"rows": len(trainer.train_dataset), "dropped_prompt_too_long": len(dataset) - len(trainer.train_dataset),
-            "steps": result.global_step, **loss_summary(history),
+            "responses_trained_as": scored, "steps": result.global_step, **loss_summary(history),  # fmt: skip
             "resumed_from": Path(checkpoint).name if checkpoint else None}  # fmt: skip
+
+
+PROGRESS_METRICS = ("logratios/chosen", "targets/chosen", "logratios/rejected", "targets/rejected",
+                    "logratios/toward_target", "logratios/drift")  # SPPOTrainer's; see README "Reading training"
 
 
 def loss_summary(history: list[dict]) -> dict:
     """The mean training loss over all steps and the last logged one, from the logged losses (each the mean over
-    the steps since the one before), so that a resumed run reports the same numbers as an uninterrupted one."""
+    the steps since the one before), so that a resumed run reports the same numbers as an uninterrupted one; and the
+    last logged progress metrics."""
     logged = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     if not logged:
-        return {"train_loss": None, "final_loss": None}
+        return {"train_loss": None, "final_loss": None, "final_progress": None}
     steps = [step - previous for (step, _), previous in zip(logged, [0] + [s for s, _ in logged[:-1]])]
     mean = sum(loss * n for (_, loss), n in zip(logged, steps)) / sum(steps)
-    return {"train_loss": mean, "final_loss": logged[-1][1]}
+    last = [entry for entry in history if "loss" in entry][-1]
+    progress = {name: last[name] for name in PROGRESS_METRICS if name in last} or None
+    return {"train_loss": mean, "final_loss": logged[-1][1], "final_progress": progress}
 
 
 class _Progress(TrainerCallback):

@@ -9,8 +9,8 @@ where P_win, P_lose are the winner's and loser's estimated win rates and P = P(w
 
 What differs from DPOTrainer, and nothing else: the loss (`_compute_loss`, which keeps trl's router load-balancing
 loss for mixture-of-experts policies; with loss_type `sigmoid` or `ipo` it is trl's DPO or IPO loss, the baselines),
-the win-rate columns that must reach it, and the tokenisation: a row that carries the `prompt_text` it was sampled
-from is trained on exactly that text.
+the win-rate columns that must reach it, and the tokenisation: a row that carries the token ids that were sampled is
+trained on exactly those.
 """
 
 import os
@@ -31,8 +31,11 @@ from sppo_cli.data import (
     CHOSEN_PROBS,
     CHOSEN_PROBS_LOSE,
     CHOSEN_PROBS_WIN,
+    CHOSEN_TOKEN_IDS,
     PROMPT_TEXT,
+    PROMPT_TOKEN_IDS,
     REJECTED,
+    REJECTED_TOKEN_IDS,
     WIN_RATE_COLUMNS,
 )
 from sppo_cli.errors import SppoError
@@ -55,6 +58,22 @@ PAPER = TrainConfig()  # the paper's settings, the defaults below
 LOSS_TYPES = SPPO_LOSSES + tuple(BASELINE_LOSSES.values())  # trl's loss_type names this trainer takes
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *WIN_RATE_COLUMNS}
 _RESPONSE_PLACEHOLDER = "SPPO-RESPONSE-PLACEHOLDER-3f9c1e"
+SAMPLED_TOKEN_COLUMNS = (PROMPT_TOKEN_IDS, CHOSEN_TOKEN_IDS, REJECTED_TOKEN_IDS)
+
+
+def sppo_targets(win_rates: dict[str, torch.Tensor], beta: float, loss_type: str = "sppo") -> tuple[torch.Tensor, ...]:
+    """What the SPPO loss regresses the chosen and the rejected log-ratios onto; `win_rates` holds the `chosen_probs*`
+    columns of the batch."""
+    eta = 1.0 / beta
+    if loss_type == "sppo":
+        return eta * (win_rates[CHOSEN_PROBS_WIN] - 0.5), eta * (win_rates[CHOSEN_PROBS_LOSE] - 0.5)
+    if loss_type == "sppo_single":
+        target = eta * (win_rates[CHOSEN_PROBS] - 0.5)
+        return target, -target
+    if loss_type == "sppo_hard":
+        half = torch.full_like(win_rates[CHOSEN_PROBS], eta / 2)
+        return half, -half
+    raise SppoError(f"unknown loss {loss_type!r} (choose from {', '.join(SPPO_LOSSES)})")
 
 
 def sppo_loss(
@@ -65,17 +84,9 @@ def sppo_loss(
     loss_type: str = "sppo",
 ) -> torch.Tensor:
     """Per-row SPPO loss; `win_rates` holds the `chosen_probs*` columns of the batch."""
-    eta = 1.0 / beta
-    if loss_type == "sppo":
-        chosen_target = eta * (win_rates[CHOSEN_PROBS_WIN] - 0.5)
-        rejected_target = eta * (win_rates[CHOSEN_PROBS_LOSE] - 0.5)
-        return 0.5 * ((chosen_logratios - chosen_target) ** 2 + (rejected_logratios - rejected_target) ** 2)
-    if loss_type == "sppo_single":
-        target = eta * (win_rates[CHOSEN_PROBS] - 0.5)
-        return 0.5 * ((chosen_logratios - target) ** 2 + (rejected_logratios + target) ** 2)
-    if loss_type == "sppo_hard":
-        return (chosen_logratios - eta / 2) ** 2 + (rejected_logratios + eta / 2) ** 2
-    raise SppoError(f"unknown loss {loss_type!r} (choose from {', '.join(SPPO_LOSSES)})")
+    chosen_target, rejected_target = sppo_targets(win_rates, beta, loss_type)
+    scale = 1.0 if loss_type == "sppo_hard" else 0.5  # as the published trainer writes each
+    return scale * ((chosen_logratios - chosen_target) ** 2 + (rejected_logratios - rejected_target) ** 2)
 
 
 @dataclass
@@ -125,20 +136,24 @@ def tokenize_row(tokenizer: PreTrainedTokenizerBase, max_length: int | None, max
                  row: dict) -> dict:  # fmt: skip
     """trl's token columns for one ranking row.
 
-    The prompt is the `prompt_text` the responses were sampled from when the row has it (what `sppo generate`
-    writes), so training conditions on exactly those tokens even if the chat template renders differently on another
-    call; otherwise (rankings in the published format) the prompt turns rendered by the template. Each response ends
-    the way the template closes an assistant turn.
+    A row with the token ids that were sampled (what `sppo rank` passes on from `sppo generate`) is trained on exactly
+    those: the prompt's, and each response's up to its end-of-sequence token, or without one where --max-new-tokens
+    cut it off. Otherwise (rankings in the published format) the text is tokenized: the `prompt_text` the responses
+    were sampled from when the row has it, else the prompt turns rendered by the template, and each response ends the
+    way the template closes an assistant turn.
     """
-    messages = row[CHOSEN][:-1]
-    prompt_text = row.get(PROMPT_TEXT) or tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                         add_generation_prompt=True)  # fmt: skip
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    end_of_turn = _end_of_turn(tokenizer, messages)
-    chosen_ids, rejected_ids = (
-        tokenizer(row[column][-1]["content"] + end_of_turn, add_special_tokens=False)["input_ids"]
-        for column in (CHOSEN, REJECTED)
-    )
+    if row.get(CHOSEN_TOKEN_IDS) is not None:
+        prompt_ids, chosen_ids, rejected_ids = row[PROMPT_TOKEN_IDS], row[CHOSEN_TOKEN_IDS], row[REJECTED_TOKEN_IDS]
+    else:
+        messages = row[CHOSEN][:-1]
+        prompt_text = row.get(PROMPT_TEXT) or tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                             add_generation_prompt=True)  # fmt: skip
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        end_of_turn = _end_of_turn(tokenizer, messages)
+        chosen_ids, rejected_ids = (
+            tokenizer(row[column][-1]["content"] + end_of_turn, add_special_tokens=False)["input_ids"]
+            for column in (CHOSEN, REJECTED)
+        )
     longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
     if max_prompt_length is not None and max_length is not None and longest > max_length:
         prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end of the prompt, next to the response
@@ -181,7 +196,8 @@ class SPPOTrainer(DPOTrainer):
         def tokenize(row: dict) -> dict:
             return tokenize_row(processing_class, args.max_length, args.max_prompt_length, row)
 
-        text_columns = [c for c in (PROMPT_TEXT, CHOSEN, REJECTED) if c in dataset.column_names]
+        text_columns = [c for c in (PROMPT_TEXT, CHOSEN, REJECTED, *SAMPLED_TOKEN_COLUMNS)
+                        if c in dataset.column_names]  # fmt: skip
         dataset = dataset.map(tokenize, remove_columns=text_columns, keep_in_memory=True)
         if args.max_length is None:
             return dataset
@@ -222,13 +238,20 @@ class SPPOTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_metrics(mode, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios)
+        targets = sppo_targets(win_rates, self.beta, self.loss_types[0])
+        self._log_metrics(mode, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios, targets)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_metrics(self, mode, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios):
+    def _log_metrics(self, mode, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios, targets):
+        """trl's reward metrics, and what shows progress at the paper's beta, where the targets are hundreds of nats
+        and the loss barely moves: the log-ratios against their targets, the share of log-ratios that have moved in
+        their target's direction, and the drift from the reference (the mean log-ratio of both responses)."""
+
         def mean(tensor: torch.Tensor) -> float:
             return self.accelerator.gather_for_metrics(tensor.detach()).float().mean().item()
 
+        # per row: gather_for_metrics keeps as many values as the last batch has rows
+        toward_target = ((chosen_logratios * targets[0] > 0).float() + (rejected_logratios * targets[1] > 0).float()) / 2
         chosen_rewards, rejected_rewards = self.beta * chosen_logratios, self.beta * rejected_logratios
         metrics = self._metrics[mode]
         metrics["rewards/chosen"].append(mean(chosen_rewards))
@@ -237,5 +260,9 @@ class SPPOTrainer(DPOTrainer):
         metrics["rewards/accuracies"].append(mean((chosen_rewards > rejected_rewards).float()))
         metrics["logratios/chosen"].append(mean(chosen_logratios))
         metrics["logratios/rejected"].append(mean(rejected_logratios))
+        metrics["targets/chosen"].append(mean(targets[0]))
+        metrics["targets/rejected"].append(mean(targets[1]))
+        metrics["logratios/toward_target"].append(mean(toward_target))
+        metrics["logratios/drift"].append(mean((chosen_logratios + rejected_logratios) / 2))
         metrics["logps/chosen"].append(mean(chosen_logps))
         metrics["logps/rejected"].append(mean(rejected_logps))

@@ -15,7 +15,12 @@ from sppo_cli.errors import SppoError
 @dataclass
 class Completion:
     responses: list[str]
-    token_counts: list[int]  # generated tokens of each response
+    token_ids: list[list[int]]  # the sampled tokens of each response, its end-of-sequence or stop string included
+    finish_reasons: list[str]  # data.STOPPED or data.TRUNCATED, for each response
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
 
     @property
     def num_tokens(self) -> int:
@@ -26,7 +31,8 @@ class Backend(Protocol):
     max_model_len: int
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], sampling: SamplingOptions) -> list[Completion]:
-        """K sampled responses for each tokenized prompt, in order; `seeds` has one seed per prompt."""
+        """K sampled responses for each tokenized prompt, in order; `seeds` has one seed per prompt, and a prompt's
+        samples depend on its seed only, not on the other prompts of the call."""
 
     def close(self) -> None:
         """Free the model and whatever runs it."""

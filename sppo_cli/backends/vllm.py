@@ -8,6 +8,7 @@ import os
 
 from sppo_cli.backends import Completion
 from sppo_cli.config import EngineOptions, SamplingOptions
+from sppo_cli.data import STOPPED, TRUNCATED
 from sppo_cli.errors import SppoError, first_line
 from sppo_cli.models import on_gpu, resolve_model
 
@@ -59,7 +60,8 @@ class VllmBackend:
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
-            Completion([c.text.strip() for c in output.outputs], [len(c.token_ids) for c in output.outputs])
+            Completion([c.text.strip() for c in output.outputs], [list(c.token_ids) for c in output.outputs],
+                       [TRUNCATED if c.finish_reason == "length" else STOPPED for c in output.outputs])
             for output in outputs
         ]
 

@@ -11,5 +11,15 @@ def train(config: TrainConfig, model: str, data: str, output, overwrite: bool, v
     from sppo_cli.train import train as run
 
     manifest, done = run(model, data, output, config, overwrite, verbose)
-    loss = f", final train loss {manifest['final_loss']:.4g}" if manifest.get("final_loss") is not None else ""
-    report(output, done, f"{manifest['steps']} steps{loss}, {manifest['seconds']:.1f} s")
+    report(output, done, f"{manifest['steps']} steps{_progress(manifest)}, {manifest['seconds']:.1f} s")
+
+
+def _progress(manifest: dict) -> str:
+    """At the last step: the log-ratios against their targets, which show progress when the loss cannot (README)."""
+    progress = manifest.get("final_progress")
+    if progress:
+        return (f"; at the last step: log-ratio of chosen {progress['logratios/chosen']:+.3g} (target "
+                f"{progress['targets/chosen']:+.3g}), of rejected {progress['logratios/rejected']:+.3g} (target "
+                f"{progress['targets/rejected']:+.3g}), {progress['logratios/toward_target']:.0%} toward their "
+                f"targets, drift {progress['logratios/drift']:+.3g}")  # fmt: skip
+    return f", final train loss {manifest['final_loss']:.4g}" if manifest.get("final_loss") is not None else ""
