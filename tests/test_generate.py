@@ -84,9 +84,16 @@ def test_prompt_text_is_the_chat_template_with_a_single_bos(tokenizer):
 def test_k_samples_per_prompt_kept_columns_and_seeded(tmp_path, tiny_model, tokenizer):
     data = prompts("What is two plus three?", "Name a fruit that is red.", "Write a haiku about the sea.")
     first, stats = sample(str(tiny_model), data, CONFIG, tmp_path / "a")
-    assert first.column_names == ["prompt", "answer", "conversation", "prompt_text", "responses", "response_tokens"]
+    assert first.column_names == ["prompt", "answer", "conversation", "prompt_text", "prompt_token_ids", "responses",
+                                  "response_tokens", "response_token_ids", "finish_reasons"]  # fmt: skip
     assert [len(r) for r in first["responses"]] == [3, 3, 3] and [len(r) for r in first["response_tokens"]] == [3] * 3
     assert all(1 <= n <= 8 for row in first["response_tokens"] for n in row)
+    assert first["prompt_token_ids"] == [encode_chat_prompt(tokenizer, text) for text in first["prompt_text"]]
+    for responses, counts, ids, reasons in zip(*(first[c] for c in ("responses", "response_tokens",
+                                                                     "response_token_ids", "finish_reasons"))):
+        assert counts == [len(i) for i in ids]
+        assert responses == [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+        assert reasons == ["length" if len(i) == 8 and i[-1] != tokenizer.eos_token_id else "stop" for i in ids]
     assert sum(map(sum, first["response_tokens"])) == stats["generated_tokens"]
     assert first["answer"] == ["0", "1", "2"]
     assert first["prompt_text"][1] == chat_prompt(tokenizer, [{"role": "user", "content": "Name a fruit that is red."}])
@@ -96,6 +103,31 @@ def test_k_samples_per_prompt_kept_columns_and_seeded(tmp_path, tiny_model, toke
     assert again["responses"] == first["responses"]
     other, _ = sample(str(tiny_model), data, replace(CONFIG, seed=8), tmp_path / "c")
     assert other["responses"] != first["responses"]
+
+
+def test_a_prompt_s_samples_depend_on_its_seed_only_not_on_its_batch_or_shard(tmp_path, tiny_model):
+    """Each sample draws from its own generator (as vLLM seeds each request): --limit, --batch-size and
+    --shard-size do not change a prompt's samples."""
+    alone, _ = sample(str(tiny_model), SEVEN.select(range(3)), replace(CONFIG, batch_size=1), tmp_path / "a")
+    together, _ = sample(str(tiny_model), SEVEN, replace(CONFIG, batch_size=7, shard_size=7), tmp_path / "b")
+    assert together["response_token_ids"][:3] == alone["response_token_ids"]
+    assert together["responses"][:3] == alone["responses"]
+    assert len({tuple(ids) for row in together["response_token_ids"] for ids in row}) > 7  # the K samples differ
+
+
+def test_a_response_keeps_its_end_of_sequence_token_and_says_why_it_ended(tiny_model):
+    from sppo_cli.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(str(tiny_model), CONFIG)
+    eos, pad = backend.tokenizer.eos_token_id, backend.tokenizer.pad_token_id
+    sampling = replace(CONFIG, max_new_tokens=4, stop=["xyz"])
+    assert backend._response([40, 41, eos, pad], sampling)[1:] == ([40, 41, eos], "stop")  # the model ended it
+    assert backend._response([40, 41, 42, eos], sampling)[1:] == ([40, 41, 42, eos], "stop")
+    assert backend._response([40, 41, 42, 43], sampling)[1:] == ([40, 41, 42, 43], "length")  # cut off
+    stopped = backend.tokenizer("a xyz", add_special_tokens=False)["input_ids"]
+    sampling = replace(sampling, max_new_tokens=len(stopped) + 2)
+    assert backend._response([*stopped, pad, pad], sampling) == ("a", stopped, "stop")  # a stop string ended it
+    assert backend._response([*stopped, 40, 41], sampling)[2] == "stop"  # ... at the very last token
 
 
 def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, tiny_model):
@@ -212,7 +244,8 @@ def test_manifest_records_every_setting_and_the_identity_leaves_out_how_it_ran(t
         "gpu_memory_utilization": 0.9, "tensor_parallel_size": 1, "shard_size": 2, "data_parallel_size": 1,
     }  # fmt: skip
     identity = manifest["identity"]
-    assert set(manifest["parameters"]) - set(identity["settings"]) == {"gpu_memory_utilization", "data_parallel_size"}
+    assert set(manifest["parameters"]) - set(identity["settings"]) == {"gpu_memory_utilization", "data_parallel_size",
+                                                                       "batch_size", "shard_size"}  # fmt: skip
     assert identity["inputs"]["model"].startswith("sha256:") and identity["inputs"]["prompts"].startswith("sha256:")
     assert manifest["rows"] == 7 and manifest["generated_tokens"] > 0
     assert json.loads((tmp_path / "gens" / "manifest.json").read_text()) == manifest
@@ -311,5 +344,22 @@ def test_transformers_samples_with_the_settings_only_not_the_model_s_generation_
     used, build = [], backend.model._get_logits_processor
     backend.model._get_logits_processor = lambda *a, **k: used.append(build(*a, **k)) or used[-1]
     backend.generate([[1, 5, 6, 7]], [0], replace(CONFIG, num_samples=2, max_new_tokens=3))
-    assert [type(p).__name__ for p in used[0]] == ["TemperatureLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
-    assert used[0][2].min_p == 0.0  # a no-op
+    assert [type(p).__name__ for p in used[0]] == ["SeededSampler"]  # the model's top-k and penalty are not used
+
+
+def test_the_seeded_sampler_draws_from_the_tempered_top_p_distribution():
+    """The Gumbel-max draw: the argmax of the scores it returns is distributed as softmax(logits / T) restricted to
+    the top-p set, each row from its own generator."""
+    from sppo_cli.backends.transformers import SeededSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    draws = 20000
+    sampler = SeededSampler(list(range(draws)), temperature=0.7, top_p=0.9, device=torch.device("cpu"))
+    picked = sampler(torch.zeros(draws, 1, dtype=torch.long), logits.repeat(draws, 1)).argmax(dim=1)
+    probabilities = torch.softmax(logits / 0.7, dim=0)
+    keep = torch.cumsum(probabilities, 0) - probabilities < 0.9  # the smallest set with 90% of the probability
+    expected = torch.where(keep, probabilities, 0.0) / probabilities[keep].sum()
+    observed = torch.bincount(picked, minlength=5) / draws
+    assert torch.allclose(observed, expected, atol=0.01) and observed[~keep].sum() == 0
+    again = SeededSampler([3, 4], 0.7, 0.9, torch.device("cpu"))(torch.zeros(2, 1, dtype=torch.long), logits.repeat(2, 1))
+    assert torch.equal(again.argmax(dim=1), picked[3:5])  # a row's draw depends on its own seed only

@@ -88,6 +88,25 @@ def rank(generations: Dataset, directory, **settings):
     return rank_all(generations, RankConfig(**{"ranker": "python:plugin_rankers:by_length", **settings}), directory)
 
 
+def test_the_sampled_token_ids_follow_the_pair_and_drop_truncated_never_picks_a_cut_off_response(tmp_path):
+    generations = Dataset.from_list([
+        {"prompt": "a", "prompt_text": "A", "responses": ["x", "xxx", "xxxxx"], "response_token_ids": [[1], [2], [3]],
+         "finish_reasons": ["stop", "stop", "length"]},
+        {"prompt": "b", "prompt_text": "B", "responses": ["y", "yy", "yyy"], "response_token_ids": [[4], [5], [6]],
+         "finish_reasons": ["length", "stop", "length"]},
+    ])  # fmt: skip
+    rankings, stats = rank(generations, tmp_path / "all")  # by_length: the longest wins
+    assert [r[-1]["content"] for r in rankings["chosen"]] == ["xxxxx", "yyy"]
+    assert rankings["chosen_token_ids"] == [[3], [6]] and rankings["rejected_token_ids"] == [[1], [4]]
+    assert rankings["chosen_index"] == [2, 2] and rankings["rejected_index"] == [0, 0]
+    assert stats["pairs_with_truncated"] == 2 and stats["dropped_truncated_prompts"] == 0
+    rankings, stats = rank(generations, tmp_path / "finished", drop_truncated=True)
+    assert rankings["prompt"] == ["a"] and rankings["chosen_token_ids"] == [[2]] and rankings["rejected_token_ids"] == [[1]]
+    assert rankings[0]["chosen_probs_win"] == pytest.approx((0.5 + sigmoid(2) + sigmoid(-2)) / 3)  # against all K
+    assert stats == {"prompts": 2, "pairs": 1, "tied_prompts": 0, "dropped_truncated_prompts": 1,
+                     "pairs_with_truncated": 0}  # fmt: skip
+
+
 def test_rank_keeps_columns_counts_ties_and_handles_any_k(tmp_path):
     generations = Dataset.from_list(
         [
@@ -97,7 +116,8 @@ def test_rank_keeps_columns_counts_ties_and_handles_any_k(tmp_path):
         ]
     )
     rankings, stats = rank(generations, tmp_path)
-    assert stats == {"prompts": 3, "pairs": 2, "tied_prompts": 1}
+    assert stats == {"prompts": 3, "pairs": 2, "tied_prompts": 1, "dropped_truncated_prompts": 0,
+                     "pairs_with_truncated": 0}  # fmt: skip
     assert rankings["prompt"] == ["a", "c"]
     assert rankings["answer"] == ["1", "3"] and rankings["prompt_text"] == ["A", "C"]
     assert [len(p) for p in rankings["probability"]] == [2, 5]

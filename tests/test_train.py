@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from sppo_cli.config import TrainConfig
+from sppo_cli.data import load_stage
 from sppo_cli.errors import SppoError
 from sppo_cli.train import load_rankings, to_trainer_format, train
 from sppo_cli.trainer import SPPOConfig, SPPOTrainer, sppo_loss
@@ -155,7 +157,8 @@ def test_load_rankings_validates_the_published_format(tmp_path):
         load_rankings(str(tmp_path / "bad"))
     path = tmp_path / "published.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rankings()))
-    assert len(load_rankings(str(path))) == len(ROWS)
+    data, vocabulary = load_rankings(str(path))
+    assert len(data) == len(ROWS) and vocabulary is None  # no sampled token ids to train on
 
 
 def test_train_saves_a_model_the_next_iteration_can_load(tmp_path, tiny_model):
@@ -462,3 +465,99 @@ def test_the_dpo_and_ipo_baselines_are_trl_s_own_losses(tmp_path, tiny_model, ot
     assert torch.equal(ours_batch["input_ids"], trl_batch["input_ids"])
     value = ours.compute_loss(ours.model, ours_batch).item()
     assert value == pytest.approx(trl.compute_loss(trl.model, trl_batch).item(), rel=1e-6)
+
+
+# ---- training scores what was sampled --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled_rankings(tmp_path_factory, tiny_model) -> Path:
+    """`sppo generate` then `sppo rank` outputs: the random tiny model samples bytes that are not valid UTF-8 on their
+    own, and --max-new-tokens 6 cuts off most responses."""
+    from sppo_cli.config import GenerateConfig, RankConfig
+    from sppo_cli.generate import generate
+    from sppo_cli.rank import rank
+
+    directory = tmp_path_factory.mktemp("sampled")
+    prompts = directory / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: name a fruit."}) + "\n" for i in range(8)))
+    generate(str(tiny_model), str(prompts), directory / "gens", GenerateConfig(num_samples=4, max_new_tokens=6,
+             backend="transformers"))  # fmt: skip
+    rank(str(directory / "gens"), directory / "ranks", RankConfig(ranker="python:plugin_rankers:by_length"))
+    return directory / "ranks"
+
+
+def test_training_scores_the_sampled_token_ids_not_the_re_tokenized_text(tmp_path, tiny_model, sampled_rankings):
+    from sppo_cli.train import load_inputs
+
+    tokenizer, dataset = load_inputs(str(tiny_model), str(sampled_rankings))
+    config = SPPOConfig(output_dir=str(tmp_path / "out"), report_to=[], gradient_checkpointing=False)
+    trainer = SPPOTrainer(model=str(tiny_model), args=config, train_dataset=dataset, processing_class=tokenizer)
+    rankings = load_stage(sampled_rankings)[0]
+    trained = list(trainer.train_dataset)
+    assert [row["prompt_ids"] for row in trained] == rankings["prompt_token_ids"]
+    assert [row["chosen_ids"] for row in trained] == rankings["chosen_token_ids"]
+    assert [row["rejected_ids"] for row in trained] == rankings["rejected_token_ids"]
+    for row in rankings:  # the ids are the sampled ones: the K responses' ids at the chosen and rejected positions
+        assert row["chosen_token_ids"] == row["response_token_ids"][row["chosen_index"]]
+        assert row["rejected_token_ids"] == row["response_token_ids"][row["rejected_index"]]
+    text = rankings["chosen"]
+    retokenized = [tokenizer(t[-1]["content"], add_special_tokens=False)["input_ids"] for t in text]
+    assert any(ids != again for ids, again in zip(rankings["chosen_token_ids"], retokenized))  # text loses them
+    end = tokenizer.convert_tokens_to_ids("<|end|>")  # the template's end of turn, and the model's end of sequence
+    truncated = [row for row in rankings if row["finish_reasons"][row["chosen_index"]] == "length"]
+    assert truncated and all(len(r["chosen_token_ids"]) == 6 and end not in r["chosen_token_ids"] for r in truncated)
+
+
+def test_token_ids_of_another_vocabulary_are_not_trained_on(tmp_path, tiny_model, sampled_rankings):
+    import shutil
+
+    from sppo_cli.train import load_inputs
+
+    other = tmp_path / "ranks"
+    shutil.copytree(sampled_rankings, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "sampled_vocabulary": "sha256:another"}))
+    _, dataset = load_inputs(str(tiny_model), str(other))
+    assert "chosen_token_ids" not in dataset.column_names  # re-tokenized from the text instead
+    _, dataset = load_inputs(str(tiny_model), str(sampled_rankings))
+    assert "chosen_token_ids" in dataset.column_names
+
+
+def test_the_paper_s_warmup_starts_below_the_peak_learning_rate(tmp_path, tiny_model):
+    finished_output(rankings(), tmp_path / "rankings", "rank")
+    config = TrainConfig(per_device_train_batch_size=1, num_train_epochs=3, learning_rate=1e-3, optim="adamw_torch",
+                         report_to="none", gradient_checkpointing=False)  # fmt: skip
+    assert config.warmup_steps == 0.1  # the paper's warm-up ratio: 2 of 12 steps
+    train(str(tiny_model), str(tmp_path / "rankings"), tmp_path / "model", config)
+    rates = [entry["learning_rate"] for entry in json.loads((tmp_path / "model" / "log_history.json").read_text())
+             if "learning_rate" in entry]  # fmt: skip
+    assert rates[:3] == pytest.approx([0.0, 5e-4, 1e-3]) and max(rates) == pytest.approx(1e-3)  # then linear decay
+    assert rates[3:] == pytest.approx([1e-3 * (12 - step) / 10 for step in range(3, 12)])
+
+
+def test_progress_metrics_have_the_signs_of_known_targets():
+    """Targets eta (P - 1/2): the chosen's positive, the rejected's negative here; a log-ratio counts as toward its
+    target when it has the target's sign; drift is the mean log-ratio of the two responses."""
+    from sppo_cli.trainer import sppo_targets
+
+    rates = {"chosen_probs": torch.tensor([0.8, 0.6]), "chosen_probs_win": torch.tensor([0.7, 0.6]),
+             "chosen_probs_lose": torch.tensor([0.4, 0.2])}  # fmt: skip
+    chosen, rejected = sppo_targets(rates, 0.001, "sppo")
+    assert chosen.tolist() == pytest.approx([200.0, 100.0]) and rejected.tolist() == pytest.approx([-100.0, -300.0])
+    assert torch.cat(sppo_targets(rates, 0.5, "sppo_single")).tolist() == pytest.approx([0.6, 0.2, -0.6, -0.2])
+    assert torch.cat(sppo_targets(rates, 0.5, "sppo_hard")).tolist() == pytest.approx([1.0, 1.0, -1.0, -1.0])
+
+
+def test_training_logs_progress_toward_the_targets(tmp_path, tiny_model, sampled_rankings):
+    """At the paper's beta, targets of hundreds of nats: the log-ratios move toward them, a few nats at a time."""
+    config = TrainConfig(per_device_train_batch_size=2, num_train_epochs=4, learning_rate=1e-3, optim="adamw_torch",
+                         warmup_steps=0, report_to="none", gradient_checkpointing=False)  # fmt: skip
+    manifest, _ = train(str(tiny_model), str(sampled_rankings), tmp_path / "model", config)
+    history = [entry for entry in json.loads((tmp_path / "model" / "log_history.json").read_text()) if "loss" in entry]
+    first, last = history[0], manifest["final_progress"]
+    assert first["logratios/chosen"] == first["logratios/drift"] == 0.0  # the policy is its reference
+    assert first["targets/chosen"] > 0 > first["targets/rejected"]
+    assert last["logratios/chosen"] > 0 > last["logratios/rejected"] and last["logratios/toward_target"] == 1.0
+    assert last["logratios/drift"] == pytest.approx((last["logratios/chosen"] + last["logratios/rejected"]) / 2)
+    assert manifest["responses_trained_as"] == "sampled token ids"
