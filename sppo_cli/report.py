@@ -61,7 +61,8 @@ def table(name: str, iterations: list[Iteration]) -> str:
     has_accuracy = any(it.metric("eval", "accuracy") is not None for it in iterations)
     columns = ["iteration", "win rate vs base [95% CI]", "LC win rate vs base", "win rate vs previous [95% CI]"]
     columns += ["held-out accuracy [95% CI]"] if has_accuracy else []
-    columns += ["mean length (tokens)", "final train loss", "seconds in generate / rank / train / eval"]
+    columns += ["mean length (tokens)", "final train loss", "log-ratios toward targets", "seconds in generate / rank / "
+                "train / eval"]  # fmt: skip
     lines = [f"### {name}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for it in iterations:
         base = it.number == 0
@@ -73,6 +74,9 @@ def table(name: str, iterations: list[Iteration]) -> str:
             cells += [_with_interval(it, "eval", "accuracy")]
         cells += [_number(it.metric("eval", "mean_length"), 1)]
         cells += [_number(it.manifests.get("model", {}).get("final_loss"), 4, general=True)]
+        progress = it.manifests.get("model", {}).get("final_progress") or {}
+        toward = progress.get("logratios/toward_target")
+        cells += ["–" if toward is None else f"{toward:.0%}"]
         seconds = [it.manifests.get(stage, {}).get("seconds") for stage in ("generations", "rankings", "model")]
         evals = [it.manifests[s]["seconds"] for s in ("eval", "eval-previous") if s in it.manifests]
         cells += ["" if base else " / ".join(_number(s, 0) for s in [*seconds, sum(evals) if evals else None])]

@@ -187,7 +187,8 @@ def fake_run(directory, accuracies):
         if t:
             manifest(directory / f"iter{t}" / "generations")
             manifest(directory / f"iter{t}" / "rankings")
-            manifest(directory / f"iter{t}" / "model", final_loss=0.2 - 0.01 * t)
+            manifest(directory / f"iter{t}" / "model", final_loss=0.2 - 0.01 * t,
+                     final_progress={"logratios/toward_target": 0.5 + 0.125 * t})  # fmt: skip
             (directory / f"iter{t}" / "model" / "log_history.json").write_text(
                 json.dumps([{"loss": 0.3, "step": 1}, {"loss": 0.2, "step": 2}, {"train_runtime": 1.0}]))
         if t > 1:
@@ -203,7 +204,7 @@ def test_the_report_has_a_row_per_iteration_and_a_picture(capsys, tmp_path):
     text = (tmp_path / "sppo" / "report.md").read_text()
     assert "### sppo" in text and "### dpo" in text  # two runs side by side
     assert "| 0 (base) | 0.500 (itself) |" in text
-    assert ("| 2 | 0.600 [0.550, 0.650] | 0.580 | 0.550 [0.520, 0.580] | 0.500 [0.460, 0.540] | 12.0 | 0.18 | "
+    assert ("| 2 | 0.600 [0.550, 0.650] | 0.580 | 0.550 [0.520, 0.580] | 0.500 [0.460, 0.540] | 12.0 | 0.18 | 75% | "
             "2 / 2 / 2 / 4 |") in text
     assert "| 1 | 0.550 [0.500, 0.600] | 0.540 | 0.550 [0.500, 0.600] |" in text  # iteration 1's previous is the base
     assert (tmp_path / "sppo" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
