@@ -76,6 +76,8 @@ def _check(name: str, kind: Any, rules: Any, value: Any) -> None:
         raise SettingError(name, f"must be at most {rules['at_most']}, got {value}")
 
 
+MAX_SEED = 2**32 - 1  # what numpy and torch seed from
+
 # ---- generation -----------------------------------------------------------------------------------------------------
 
 
@@ -106,7 +108,8 @@ class SamplingOptions(Settings):
     repetition_penalty: float = setting(1.0, "Penalty on tokens already in the prompt or response (1: none).", above=0)
     presence_penalty: float = setting(0.0, "Penalty on tokens already in the response (vllm backend; 0: none).",
                                       at_least=-2, at_most=2)  # fmt: skip
-    seed: int = setting(42, "Random seed; every prompt draws its own seed from it and its row.")
+    seed: int = setting(42, "Random seed; every prompt draws its own seed from it and its row.", at_least=0,
+                        at_most=MAX_SEED)  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -173,6 +176,8 @@ class RankerOptions(Settings):
     answer_column: str = setting("answer", "rule:math: the column with the reference answer.")
     source_max_length: int = setting(1224, "PairRM: prompt tokens kept (LLM-Blender's).", at_least=3)
     candidate_max_length: int = setting(412, "PairRM: response tokens kept (LLM-Blender's).", at_least=3)
+    reward_max_length: int | None = setting(None, "Reward model: tokens kept of each conversation, whose beginning is "
+                                            "cut (never the response) [its context window].", at_least=2)  # fmt: skip
     ranker_batch_size: int | None = setting(None, "Pairs (PairRM) or responses (reward model) per forward pass "
                                             "[32 on a GPU, 2 on a CPU].", identity=False, at_least=1)  # fmt: skip
 
@@ -187,6 +192,8 @@ class RankerOptions(Settings):
                 del settings[option]
         if kind != "rule:math":
             del settings["answer_column"]
+        if kind != "reward-model":
+            del settings["reward_max_length"]
         return settings
 
 
@@ -283,7 +290,7 @@ class TrainConfig(TrackingOptions, TemplateOptions):
     fp16: bool = setting(False, "fp16 mixed precision (GPUs without bf16).")
     num_processes: int = setting(1, "Processes (GPUs) on this node, launched with torchrun.", at_least=1)
     deepspeed: str | None = setting(None, "DeepSpeed config, e.g. recipes/deepspeed/zero3.json.", file=True)
-    seed: int = setting(42, "Random seed.")
+    seed: int = setting(42, "Random seed.", at_least=0, at_most=MAX_SEED)
     logging_steps: int = setting(1, "Log the loss and rewards every N steps.", identity=False, at_least=1)
     save_steps: int = setting(200, "Checkpoint every N steps; a re-run resumes from the last.", identity=False,
                               at_least=1)  # fmt: skip
@@ -292,6 +299,8 @@ class TrainConfig(TrackingOptions, TemplateOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_steps == 0:
+            raise SettingError("max_steps", "must be -1 (the epochs decide) or at least 1, got 0")
         if self.load_in_4bit and not self.lora_r:
             raise SettingError("load_in_4bit", "trains a LoRA adapter: set lora_r too")
         if self.lr_scheduler_kwargs is not None:
@@ -311,7 +320,7 @@ class TrainConfig(TrackingOptions, TemplateOptions):
 class TinyConfig(Settings):
     """The tiny offline models of the demo and the tests."""
 
-    seed: int = setting(0, "Random seed of the weights.")
+    seed: int = setting(0, "Random seed of the weights.", at_least=0, at_most=MAX_SEED)
 
 
 # ---- publishing -----------------------------------------------------------------------------------------------------

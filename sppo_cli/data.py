@@ -54,39 +54,86 @@ SAMPLED_CHAT_TEMPLATE = "sampled_chat_template"  # a rank manifest's: the --chat
 # with (the content's fingerprint; None: the model's own), which training must use too
 SAMPLED_VOCABULARY = "sampled_vocabulary"  # a generate and rank manifest's: the vocabulary of the token ids
 PARTIAL_SUFFIX = ".partial"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def may_be_hub_id(name: str, owner_required: bool = True) -> bool:
+    """Whether a name that is not here may be looked up on the hub: never a path-like one (`./x`, `/x`, a `.partial`,
+    or `runs/model` when there is a local `runs/`), so a mistyped local path fails at once, not after hub retries."""
+    if Path(name).exists() or not _HUB_ID.match(name) or name.startswith(".") or name.endswith(PARTIAL_SUFFIX):
+        return False
+    owner = name.split("/")[0] if "/" in name else None
+    return (owner is not None or not owner_required) and not (owner and Path(owner).is_dir())
+
+
+def refuse_partial(path: str | Path) -> None:
+    """A `<name>.partial` is the unfinished output of an interrupted run, whatever it holds: never an input."""
+    if Path(path).resolve().name.endswith(PARTIAL_SUFFIX):
+        raise SppoError(f"{path} is the unfinished output of an interrupted run, not an input; re-run the command "
+                        "that makes it to finish it")  # fmt: skip
 
 
 def read_dataset(source: str, split: str = "train") -> Dataset:
     """Read a save_to_disk directory, a json/jsonl/parquet file, or a hub dataset id."""
     path = Path(source)
+    if may_be_hub_id(source):
+        return _read(lambda: datasets.load_dataset(source, split=split), source)
     if path.is_dir():
+        refuse_partial(path)
         if (path / MANIFEST).exists():
-            return load_stage(path)[0]
-        if path.name.endswith(PARTIAL_SUFFIX):
-            raise SppoError(f"{source} is the unfinished output of an interrupted run, not a dataset")
-        data = _read(lambda: datasets.load_from_disk(str(path), keep_in_memory=True), source)
+            data = load_stage(path)[0]
+        else:
+            data = _read(lambda: datasets.load_from_disk(str(path), keep_in_memory=True), source)
     elif path.is_file():
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
         if builder is None:
             raise SppoError(f"{source}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")
         data = _read(lambda: datasets.load_dataset(builder, data_files=str(path), split="train"), source)
-    elif _HUB_ID.match(source) and not source.startswith("."):
-        data = _read(lambda: datasets.load_dataset(source, split=split), source)
     else:
         raise SppoError(f"{source}: no such file or directory")
     if isinstance(data, DatasetDict):
         if split not in data:
             raise SppoError(f"{source} has no split {split!r} (it has: {', '.join(data)})")
-        data = data[split]
+        return data[split]
+    if split != "train":
+        raise SppoError(f"{source} has no splits: --split {split} needs a dataset with several (a DatasetDict "
+                        "directory or a hub dataset)")  # fmt: skip
     return data
 
 
 def _read(load, source: str) -> Dataset | DatasetDict:
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)  # its "Failed to load JSON" line: the error below says it better
     try:
         return load()
     except Exception as error:  # datasets raises many types; the user needs to know which input failed and why
-        raise SppoError(f"cannot read {source}: {first_line(error)}") from error
+        raise SppoError(f"cannot read {source}: {_json_problem(Path(source)) or first_line(error)}") from error
+    finally:
+        datasets_logger.setLevel(level)
+
+
+def _json_problem(path: Path) -> str | None:
+    """What is wrong with a JSON or JSON Lines file that datasets cannot read (it only says that generating the
+    dataset failed): that it is empty, or its first line that is not JSON."""
+    if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
+        return None
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        return "the file is empty"
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None
+        except ValueError:
+            pass  # JSON Lines, as datasets also reads a .json file
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except ValueError as error:
+            return f"line {number} is not valid JSON ({error})"
+    return None
 
 
 def load_prompts(source: str, split: str = "train", prompt_column: str = PROMPT, limit: int | None = None,
@@ -219,7 +266,7 @@ def load_stage(path: str | Path, stage: str | None = None) -> tuple[Dataset, dic
 
 def published(source: str) -> Path | None:
     """The local copy of a hub dataset that `sppo push` published (it has a manifest), if `source` is one."""
-    if Path(source).exists() or not _HUB_ID.match(source) or source.startswith("."):
+    if not may_be_hub_id(source):
         return None
     from huggingface_hub import hf_hub_download, snapshot_download
 
@@ -238,6 +285,7 @@ def sampled_chat_template(manifest: dict) -> str | None:
 
 
 def read_manifest(path: str | Path) -> dict:
+    refuse_partial(path)
     path = published(str(path)) or Path(path)
     if not path.exists():
         raise SppoError(f"{path}: no such file or directory")

@@ -39,7 +39,7 @@ from sppo_cli.metrics import length_controlled_win_rate, mean_interval, wilson_i
 from sppo_cli.models import resolve_model
 from sppo_cli.rank import judge
 from sppo_cli.rankers import load_ranker, preference_matrix, ranker_source
-from sppo_cli.rankers.rule_math import is_correct
+from sppo_cli.rankers.rule_math import check_references, is_correct
 from sppo_cli.stage import SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
 from sppo_cli.tracking import log_metrics
 
@@ -143,9 +143,7 @@ def compare(model_side: Dataset, baseline_side: Dataset, config: EvalConfig, dir
 
 
 def add_correctness(evaluated: Dataset, answer_column: str) -> Dataset:
-    if answer_column not in evaluated.column_names:
-        raise SppoError(f"rule:math needs the reference answer column {answer_column!r} in the prompts "
-                        f"(they have: {', '.join(evaluated.column_names)}); choose it with --answer-column")
+    """Whether each response of both sides is right (the references were checked before any work)."""
     for column, responses in ((CORRECT, RESPONSES), (BASELINE_CORRECT, BASELINE_RESPONSES)):
         flags = [[is_correct(r, str(answer)) for r in row] for row, answer in
                  zip(evaluated[responses], evaluated[answer_column])]  # fmt: skip
@@ -184,6 +182,8 @@ def evaluate(model: str, baseline: str, prompts: str | None, output: str | Path,
     model_side = read_responses(model, config)
     baseline_side = read_responses(baseline, config)
     data = eval_prompts(model_side, baseline_side, prompts, config)
+    if config.ranker == "rule:math":
+        check_references(data, config.answer_column)
     inputs = {"model": model, "baseline": baseline, "prompts": prompts, "ranker": ranker_source(config.ranker)}
     kinds = {"prompts": "dataset", "model": "model" if model_side is None else "dataset",
              "baseline": "model" if baseline_side is None else "dataset"}  # fmt: skip

@@ -4,9 +4,10 @@ A model goes as it is saved (the merged weights of a LoRA run, its adapter only 
 dataset goes as Parquet under `data/` with a dataset card, so that `datasets.load_dataset(repo_id)` and the
 authors' training script read it; both carry `manifest.json`, which lets sppo read them back as finished outputs and
 skip a push the hub already has (the same manifest and card); the log stays local. Repositories are private unless
-`public`, and an existing repository of the other visibility is refused rather than changed. The token is huggingface_hub's: HF_TOKEN,
-or `hf auth login`. The upload is huggingface_hub's `upload_folder` (files the hub already has are not sent again),
-retried on transient errors; a failure is one line and leaves the local output as it was.
+`public`, and an existing repository of the other visibility is refused rather than changed. The token is
+huggingface_hub's: HF_TOKEN, or `hf auth login`. The upload is huggingface_hub's `upload_folder` (files the hub
+already has are not sent again), retried on transient errors; a failure is one line and leaves the local output as it
+was.
 """
 
 import json

@@ -1,16 +1,13 @@
 """Loading policies and their tokenizers from a local directory or a hub id, with errors a user can act on; the
 device and dtype policy every stage follows; and the chat rendering every stage shares."""
 
-import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sppo_cli.data import may_be_hub_id, refuse_partial
 from sppo_cli.errors import SppoError, first_line
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
 
 # ---- devices and dtypes ---------------------------------------------------------------------------------------------
 
@@ -50,12 +47,13 @@ def torch_dtype(name: str) -> torch.dtype | str:
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether a name that is not a local directory may be looked up on the hub: never a path-like one."""
-    return not Path(name).exists() and bool(_HUB_ID.match(name)) and not name.startswith(".")
+    """Whether a model name that is not a local directory may be looked up on the hub (`gpt2` or `org/name`)."""
+    return may_be_hub_id(name, owner_required=False)
 
 
 def resolve_model(name: str) -> str:
     """A local directory, or a hub id; a path-like name that does not exist is an error, never a hub lookup."""
+    refuse_partial(name)
     if not Path(name).is_dir() and not is_hub_id(name):
         raise SppoError(f"model not found: {name} (expected a model directory or a hub id)")
     return name
@@ -90,12 +88,16 @@ def load_causal_lm(name: str, dtype: str = "auto", device: str | None = None) ->
 # ---- chat rendering -------------------------------------------------------------------------------------------------
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """The exact text the policy is sampled from: the conversation rendered by the chat template, ready for the
-    assistant's turn."""
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not tokenizer.chat_template:
         raise SppoError(f"the tokenizer of {tokenizer.name_or_path} has no chat template: give one with "
                         "--chat-template FILE")  # fmt: skip
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The exact text the policy is sampled from: the conversation rendered by the chat template, ready for the
+    assistant's turn."""
+    require_chat_template(tokenizer)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as error:  # a template rejects conversations it does not support (roles, system turns)

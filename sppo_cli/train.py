@@ -45,7 +45,7 @@ from sppo_cli.data import (
 from sppo_cli.errors import SppoError, first_line
 from sppo_cli.identity import template_fingerprint, vocabulary_fingerprint
 from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log
-from sppo_cli.models import bf16_supported, load_tokenizer, on_gpu, resolve_model, torch_dtype
+from sppo_cli.models import bf16_supported, load_tokenizer, on_gpu, require_chat_template, resolve_model, torch_dtype
 from sppo_cli.parallel import WorkerError, die_with_parent
 from sppo_cli.stage import StageRun, write_json
 from sppo_cli.tracking import finish_training_runs
@@ -111,19 +111,28 @@ def load_inputs(model: str, data: str, chat_template: str | None = None) -> tupl
     """The tokenizer and the trainer-ready rankings: bad input fails here, before any process starts. The sampled
     token ids are trained on when the rankings have them in this tokenizer's vocabulary."""
     tokenizer = load_tokenizer(resolve_model(model), chat_template)
+    require_chat_template(tokenizer)
     rankings, vocabulary = load_rankings(data, chat_template)
     return tokenizer, to_trainer_format(rankings, vocabulary == vocabulary_fingerprint(tokenizer))
 
 
 def last_complete_checkpoint(directory: Path) -> str | None:
-    """The newest checkpoint that was fully written (its trainer_state.json, saved last, reads back), if any."""
+    """The newest checkpoint that was fully written: its trainer_state.json (saved last) reads back, and its weights
+    and optimizer state (DeepSpeed's `global_step*` directory holds both) are there; an older one otherwise."""
     for checkpoint in sorted(directory.glob("checkpoint-*"), key=lambda c: -int(c.name.split("-")[-1])):
         try:
             json.loads((checkpoint / "trainer_state.json").read_text())
-            return str(checkpoint)
         except (OSError, ValueError):
             continue
+        deepspeed = any(checkpoint.glob("global_step*"))
+        weights = deepspeed or any(checkpoint.glob(pattern) for pattern in _WEIGHTS)
+        if weights and (deepspeed or (checkpoint / "optimizer.pt").is_file()):
+            return str(checkpoint)
     return None
+
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin")  # fmt: skip
 
 
 def is_launched() -> bool:
@@ -195,6 +204,13 @@ def _fit(model: str, tokenizer, dataset: Dataset, partial: Path, config: TrainCo
                               quantization_config=_four_bit_config() if config.load_in_4bit else None)  # fmt: skip
     except ValueError as error:  # the model's loading checks its settings (attention kernel, dtype)
         raise SppoError(f"cannot set up training: {first_line(error)}") from error
+    dropped = len(dataset) - len(trainer.train_dataset)
+    if dropped:
+        if not len(trainer.train_dataset):
+            raise SppoError(f"every prompt fills --max-length ({config.max_length} tokens) on its own, leaving no "
+                            "response token to learn from: raise --max-length, or set --max-prompt-length")  # fmt: skip
+        logger.warning("%d of %d rows left out: their prompt fills --max-length (%d tokens)", dropped, len(dataset),
+                       config.max_length)  # fmt: skip
     result = trainer.train(resume_from_checkpoint=checkpoint)
     finish_training_runs(config.report_to)
     trainer.save_model(str(partial / "adapter" if peft_config else partial))  # collective under ZeRO-3
@@ -206,7 +222,7 @@ def _fit(model: str, tokenizer, dataset: Dataset, partial: Path, config: TrainCo
     history = trainer.state.log_history
     (partial / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
     scored = "sampled token ids" if CHOSEN_TOKEN_IDS in dataset.column_names else "re-tokenized text"
-    return {"rows": len(trainer.train_dataset), "dropped_prompt_too_long": len(dataset) - len(trainer.train_dataset),
+    return {"rows": len(trainer.train_dataset), "dropped_prompt_too_long": dropped,
             "responses_trained_as": scored, "steps": result.global_step, **loss_summary(history),  # fmt: skip
             "resumed_from": Path(checkpoint).name if checkpoint else None}  # fmt: skip
 

@@ -251,7 +251,8 @@ class SPPOTrainer(DPOTrainer):
             return self.accelerator.gather_for_metrics(tensor.detach()).float().mean().item()
 
         # per row: gather_for_metrics keeps as many values as the last batch has rows
-        toward_target = ((chosen_logratios * targets[0] > 0).float() + (rejected_logratios * targets[1] > 0).float()) / 2
+        toward_target = ((chosen_logratios * targets[0] > 0).float()
+                         + (rejected_logratios * targets[1] > 0).float()) / 2  # fmt: skip
         chosen_rewards, rejected_rewards = self.beta * chosen_logratios, self.beta * rejected_logratios
         metrics = self._metrics[mode]
         metrics["rewards/chosen"].append(mean(chosen_rewards))

@@ -185,11 +185,21 @@ def test_training_leaves_the_rankings_directory_untouched(tmp_path, tiny_model, 
     assert sorted(p.name for p in rankings_dir.iterdir()) == before
 
 
-def test_a_checkpoint_whose_state_was_cut_short_is_not_resumed_from(tmp_path):
+def test_a_checkpoint_whose_state_was_cut_short_or_whose_files_are_gone_is_not_resumed_from(tmp_path):
     for step, state in [(2, "{}"), (4, '{"global_st')]:  # the second one's save was killed midway
         (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
+            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"x")
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    for name in ("model.safetensors", "optimizer.pt"):  # a cleanup killed midway: the state is left, not the weights
+        (tmp_path / "checkpoint-4" / name).unlink()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-6" / "global_step6").mkdir(parents=True)  # DeepSpeed's layout
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
 
 
 @pytest.mark.slow

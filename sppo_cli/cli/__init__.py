@@ -8,7 +8,7 @@ import traceback
 import typer
 
 from sppo_cli.cli import eval, generate, push, rank, report, tiny, train
-from sppo_cli.cli.options import console
+from sppo_cli.cli.options import failed
 from sppo_cli.errors import SettingError, SppoError, first_line
 from sppo_cli.logs import quiet_libraries
 
@@ -47,10 +47,10 @@ def main() -> None:
     try:
         app()
     except SppoError as error:
-        console.print(f"[red]sppo: error:[/red] {_user_message(error)}{_log_hint()}", highlight=False, soft_wrap=True)
+        failed("error:", f"{_user_message(error)}{_log_hint()}")
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print("[red]sppo: interrupted[/red]; run the same command again to resume", highlight=False)
+        failed("interrupted;", "run the same command again to resume")
         sys.exit(130)
     except Exception as error:  # a bug, in sppo or a library: shown as one, with its traceback
         if os.environ.get("SPPO_DEBUG"):
@@ -61,8 +61,8 @@ def main() -> None:
         if log is None:
             traceback.print_exc()
         where = f"its traceback is in {log}" if log else "its traceback is above"
-        console.print(f"[red]sppo: internal error:[/red] {type(error).__name__}: {first_line(error)} (a bug in sppo "
-                      f"or a library it uses; {where})", highlight=False, soft_wrap=True)
+        failed("internal error:", f"{type(error).__name__}: {first_line(error)} (a bug in sppo or a library it "
+                                  f"uses; {where})")  # fmt: skip
         sys.exit(1)
 
 

@@ -8,11 +8,13 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from sppo_cli.config import PushConfig, Settings
 from sppo_cli.errors import SppoError, first_line
@@ -29,16 +31,44 @@ def _read_config(ctx: typer.Context, path: Path | None) -> Path | None:
         recipe = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise SppoError(f"cannot read the recipe {path}: {first_line(error)}") from error
-    section = recipe.get(ctx.command.name, {}) if isinstance(recipe, dict) else None
+    section = recipe.get(ctx.command.name) or {} if isinstance(recipe, dict) else None
     if not isinstance(section, dict):
         raise SppoError(f"{path}: `{ctx.command.name}:` must be a mapping of option names to values")
-    known = set(ctx.command.callback.settings)  # settings only: inputs, --output and --overwrite stay explicit
-    defaults = {key.replace("-", "_"): value for key, value in section.items()}
-    unknown = sorted(set(defaults) - known)
+    known = {spec.name: spec for spec in dataclasses.fields(ctx.command.callback.settings)}  # inputs, --output
+    defaults = {key.replace("-", "_"): value for key, value in section.items()}  # and --overwrite stay explicit
+    unknown = sorted(set(defaults) - set(known))
     if unknown:
         raise SppoError(f"{path}: unknown option(s) for `sppo {ctx.command.name}`: {', '.join(unknown)}")
+    for name, value in defaults.items():
+        if not _is_a(known[name].type, value):
+            raise SppoError(f"{path}: `{ctx.command.name}: {name}:` must be {_describe(known[name].type)}, got "
+                            f"{value!r}")  # fmt: skip
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
+
+
+def _is_a(kind: Any, value: Any) -> bool:
+    """Whether a recipe's value fits a settings field's type (typer would report it as the flag's, not the recipe's)."""
+    if get_origin(kind) in (Union, UnionType):
+        return any(_is_a(member, value) for member in get_args(kind))
+    if get_origin(kind) is Literal:
+        return value in get_args(kind)
+    if get_origin(kind) is list:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if kind is type(None) else isinstance(value, kind)
+
+
+def _describe(kind: Any) -> str:
+    if get_origin(kind) in (Union, UnionType):
+        return " or ".join(_describe(member) for member in get_args(kind))
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(str, get_args(kind)))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "empty (null)"}
+    return "a list of strings" if get_origin(kind) is list else names[kind]
 
 
 def parameter(name: str, kind: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
@@ -89,7 +119,7 @@ def settings_command(settings: type[Settings], *arguments: inspect.Parameter,
         options = [option(spec) for spec in dataclasses.fields(settings)]
         command.__signature__ = inspect.Signature([*arguments, CONFIG, *options, *after])
         command.__name__, command.__doc__ = run.__name__, run.__doc__
-        command.settings = names
+        command.settings = settings
         return command
 
     return decorate
@@ -107,8 +137,7 @@ def stage_command(settings: type[Settings], *inputs: inspect.Parameter, output: 
             if push_to_hub:
                 from sppo_cli.hub import push
 
-                outcome = push(values["output"], push_to_hub, PushConfig(public=public))
-                console.print(f"[green]✓[/green] {values['output']}: {outcome}", soft_wrap=True, highlight=False)
+                done(f"{values['output']}: {push(values['output'], push_to_hub, PushConfig(public=public))}")
             return result
 
         run_and_publish.__name__, run_and_publish.__doc__ = run.__name__, run.__doc__
@@ -122,4 +151,14 @@ def report(output: Path, already_done: bool, summary: str) -> None:
     """The stage's one summary line."""
     if already_done:
         summary = "already done with these settings and inputs; nothing to do (--overwrite to redo it)"
-    console.print(f"[green]✓[/green] {output}: {summary}", soft_wrap=True, highlight=False)
+    done(f"{output}: {summary}")
+
+
+def done(text: str) -> None:
+    """A line saying what was done; `text` (paths, values) is printed as it is, never read as markup."""
+    console.print("[green]✓[/green] " + escape(text), soft_wrap=True, highlight=False)
+
+
+def failed(kind: str, text: str) -> None:
+    """`sppo: error: ...` and the like, one line; `text` is printed as it is, never read as markup."""
+    console.print(f"[red]sppo: {kind}[/red] " + escape(text), soft_wrap=True, highlight=False)

@@ -3,7 +3,7 @@ from typing import Annotated
 
 import typer
 
-from sppo_cli.cli.options import console, parameter, settings_command
+from sppo_cli.cli.options import done, parameter, settings_command
 from sppo_cli.config import PushConfig
 
 OUTPUT = parameter("output", Annotated[Path, typer.Argument(help="A finished output of any sppo command.")])
@@ -16,4 +16,4 @@ def push(config: PushConfig, output: Path, repo_id: str):
     """Publish a finished output to the Hugging Face Hub with a card written from its manifest."""
     from sppo_cli.hub import push as publish
 
-    console.print(f"[green]✓[/green] {output}: {publish(output, repo_id, config)}", soft_wrap=True, highlight=False)
+    done(f"{output}: {publish(output, repo_id, config)}")

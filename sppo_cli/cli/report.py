@@ -3,7 +3,7 @@ from typing import Annotated
 
 import typer
 
-from sppo_cli.cli.options import console
+from sppo_cli.cli.options import done
 
 
 def report(
@@ -15,4 +15,4 @@ def report(
     from sppo_cli.report import write_report
 
     markdown, picture = write_report(runs, output)
-    console.print(f"[green]✓[/green] {markdown}, {picture}", soft_wrap=True, highlight=False)
+    done(f"{markdown}, {picture}")

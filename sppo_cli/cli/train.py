@@ -11,7 +11,9 @@ def train(config: TrainConfig, model: str, data: str, output, overwrite: bool, v
     from sppo_cli.train import train as run
 
     manifest, done = run(model, data, output, config, overwrite, verbose)
-    report(output, done, f"{manifest['steps']} steps{_progress(manifest)}, {manifest['seconds']:.1f} s")
+    dropped = manifest.get("dropped_prompt_too_long")
+    dropped = f", {dropped} rows left out (prompt fills --max-length)" if dropped else ""
+    report(output, done, f"{manifest['steps']} steps{dropped}{_progress(manifest)}, {manifest['seconds']:.1f} s")
 
 
 def _progress(manifest: dict) -> str:

@@ -93,7 +93,7 @@ def load_ranker(options: RankerOptions) -> Ranker:
     if spec.startswith("reward-model:"):
         from sppo_cli.rankers.reward_model import RewardModelRanker
 
-        return RewardModelRanker(spec.removeprefix("reward-model:"), batch_size)
+        return RewardModelRanker(spec.removeprefix("reward-model:"), batch_size, options.reward_max_length)
     from sppo_cli.rankers.pairrm import PairRMRanker
 
     return PairRMRanker(spec, options.probability_mode, batch_size, options.source_max_length,

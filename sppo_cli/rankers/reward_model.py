@@ -10,11 +10,15 @@ from sppo_cli.models import default_device, inference_dtype, load_tokenizer, res
 from sppo_cli.rankers import Judgement
 
 
+DEFAULT_MAX_LENGTH = 4096  # for a model that does not say its context window
+
+
 class RewardModelRanker:
     """A reward per response, read on the chat-formatted conversation; longest-first batches. A conversation longer
-    than `max_length` tokens loses its beginning, never the response, and is counted."""
+    than `max_length` tokens (by default the model's context window) loses its beginning, never the response, and is
+    counted."""
 
-    def __init__(self, checkpoint: str, batch_size: int = 32, max_length: int = 4096):
+    def __init__(self, checkpoint: str, batch_size: int = 32, max_length: int | None = None):
         checkpoint = resolve_model(checkpoint)
         self.tokenizer = load_tokenizer(checkpoint)
         if not self.tokenizer.chat_template:
@@ -27,7 +31,11 @@ class RewardModelRanker:
             raise SppoError(f"{checkpoint} has {self.model.config.num_labels} outputs; a reward model has one")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(default_device()).eval()
-        self.batch_size, self.max_length = batch_size, max_length
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if max_length is not None and context is not None and max_length > context:
+            raise SppoError(f"--reward-max-length {max_length} is longer than the context window of {checkpoint} "
+                            f"({context} tokens)")  # fmt: skip
+        self.batch_size, self.max_length = batch_size, max_length or context or DEFAULT_MAX_LENGTH
         self.truncated = 0
 
     def judge(self, batch: dict[str, list]) -> list[Judgement]:

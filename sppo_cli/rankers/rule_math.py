@@ -10,10 +10,11 @@ point, at three fixed points when it has variables. Model text is only ever pars
 import math
 import re
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
-from sppo_cli.data import RESPONSES
+from sppo_cli.data import PROMPT, RESPONSES
 from sppo_cli.errors import SppoError
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
@@ -361,6 +362,25 @@ class _Parser:
         return whole
 
 
+def reference_answer(answer: Any, prompt: Any, column: str) -> str:
+    """A prompt's reference answer; a missing or empty one is an error (every response would be judged against the
+    text "None" or "", and "The answer is None." would be right)."""
+    if answer is None or not str(answer).strip():
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        raise SppoError(f"rule:math: the prompt {shown[:80]!r} has no reference answer in column {column!r}; give "
+                        "every prompt one, or leave such prompts out")  # fmt: skip
+    return str(answer)
+
+
+def check_references(data, column: str) -> None:
+    """Before any work: every prompt of `data` has a reference answer in `column`."""
+    if column not in data.column_names:
+        raise SppoError(f"rule:math needs the reference answer column {column!r} (the data has: "
+                        f"{', '.join(data.column_names)}); choose it with --answer-column")  # fmt: skip
+    for answer, prompt in zip(data[column], data[PROMPT]):
+        reference_answer(answer, prompt, column)
+
+
 class MathRuleRanker:
     """`rule:math`: correct beats incorrect, P = 1 or 0, and 1/2 when both are equally right or wrong."""
 
@@ -376,8 +396,9 @@ class MathRuleRanker:
                 f"(it has: {', '.join(batch)}); choose it with --answer-column"
             )
         judgements = []
-        for responses, reference in zip(batch[RESPONSES], batch[self.answer_column]):
-            correct = np.array([is_correct(response, str(reference)) for response in responses], dtype=np.float64)
+        for prompt, responses, answer in zip(batch[PROMPT], batch[RESPONSES], batch[self.answer_column]):
+            reference = reference_answer(answer, prompt, self.answer_column)
+            correct = np.array([is_correct(response, reference) for response in responses], dtype=np.float64)
             self.correct += int(correct.sum())
             self.judged += len(responses)
             judgements.append(0.5 + 0.5 * (correct[:, None] - correct[None, :]))
