@@ -40,7 +40,7 @@ from sppo_cli.models import resolve_model
 from sppo_cli.rank import judge
 from sppo_cli.rankers import load_ranker, preference_matrix, ranker_source
 from sppo_cli.rankers.rule_math import check_references, is_correct
-from sppo_cli.stage import SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
+from sppo_cli.stage import PER_ROW, SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
 from sppo_cli.tracking import log_metrics
 
 BASELINE_RESPONSES = "baseline_responses"
@@ -114,7 +114,7 @@ def judge_pair_shard(ranker, comparisons: Dataset, shard: Shard) -> dict:
             matrix = preference_matrix(judgement, 2)[0]
             # both of a matrix's entries: a judge biased towards the first position is biased in both directions
             probabilities[i] = float(0.5 * (matrix[0, 1] + 1 - matrix[1, 0]))
-    return {"p": probabilities}
+    return {PER_ROW: {"p": probabilities}}
 
 
 @contextlib.contextmanager
@@ -137,7 +137,7 @@ def compare(model_side: Dataset, baseline_side: Dataset, config: EvalConfig, dir
     with ProgressBar("judge", len(comparisons), unit="pair") as bar:
         shards = run_shards(directory, len(comparisons), config.shard_size, functools.partial(_judge, config,
                             comparisons), bar, config.data_parallel_size)  # fmt: skip
-    probabilities = iter(p for shard in shards for p in shard["p"])
+    probabilities = iter(p for shard in shards for p in shard[PER_ROW]["p"])
     judgements = [[next(probabilities) for _ in row] for row in evaluated[RESPONSES]]
     return evaluated.add_column(JUDGEMENTS, judgements)
 

@@ -35,7 +35,7 @@ from sppo_cli.errors import SppoError
 from sppo_cli.identity import vocabulary_fingerprint
 from sppo_cli.logs import ProgressBar
 from sppo_cli.models import chat_prompt, encode_chat_prompt, gpu_count, load_tokenizer
-from sppo_cli.stage import SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
+from sppo_cli.stage import PER_ROW, SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
 
 
 def prompt_seed(seed: int, row: int) -> int:
@@ -55,9 +55,10 @@ def sample_shard(backend: Backend, sampling: SamplingOptions, texts: list[str], 
     sampled: list[Completion | None] = [None] * len(ids)
     for i, completion in zip(kept, completions):
         sampled[i] = completion
-    return {PROMPT_TEXT: texts[shard.start : shard.stop], PROMPT_TOKEN_IDS: ids,
-            **{column: [getattr(c, field) if c else None for c in sampled] for column, field in _COMPLETION.items()},
-            "num_tokens": sum(c.num_tokens for c in completions), "max_model_len": backend.max_model_len}  # fmt: skip
+    per_row = {PROMPT_TEXT: texts[shard.start : shard.stop], PROMPT_TOKEN_IDS: ids,
+               **{column: [getattr(c, field) if c else None for c in sampled] for column, field in _COMPLETION.items()}}
+    return {PER_ROW: per_row, "num_tokens": sum(c.num_tokens for c in completions),
+            "max_model_len": backend.max_model_len}  # fmt: skip
 
 
 _COMPLETION = {RESPONSES: "responses", RESPONSE_TOKENS: "token_counts", RESPONSE_TOKEN_IDS: "token_ids",
@@ -94,7 +95,7 @@ def sample(model: str, prompts: Dataset, config: GenerateConfig, directory: Path
                              config.tensor_parallel_size)  # fmt: skip
     seconds = time.perf_counter() - started
     # by row, as sampled (in an earlier run or this one)
-    columns = {column: [row for result in results for row in result[column]] for column in (PROMPT_TEXT,
+    columns = {column: [row for result in results for row in result[PER_ROW][column]] for column in (PROMPT_TEXT,
                PROMPT_TOKEN_IDS, *_COMPLETION)}  # fmt: skip
     kept = [i for i, row in enumerate(columns[RESPONSES]) if row is not None]
     if not kept:

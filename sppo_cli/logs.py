@@ -39,6 +39,12 @@ def terminal() -> TextIO:
     return _terminal or sys.stderr
 
 
+def warn(message: str) -> None:
+    """A warning the user should see: on the terminal, and in the log."""
+    logger.warning(message)
+    print(f"sppo: warning: {message}", file=terminal(), flush=True)
+
+
 def last_log() -> Path | None:
     """The log file of the last stage this process ran, if there is one."""
     return _last_log if _last_log is not None and _last_log.exists() else None

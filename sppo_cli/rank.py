@@ -45,7 +45,7 @@ from sppo_cli.errors import SppoError
 from sppo_cli.logs import ProgressBar
 from sppo_cli.rankers import Judgement, Ranker, load_ranker, preference_matrix, ranker_source, win_rates
 from sppo_cli.rankers.rule_math import check_references
-from sppo_cli.stage import SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
+from sppo_cli.stage import PER_ROW, SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
 
 JUDGE_BATCH = 64  # prompts handed to the ranker at once
 
@@ -88,23 +88,21 @@ def judge(ranker: Ranker, generations: Dataset) -> list[Judgement]:
 
 
 def rank_shard(ranker: Ranker, generations: Dataset, drop_truncated: bool, shard: Shard) -> dict:
-    """The ranking columns of one shard's prompts, by row (tied prompts, and with `drop_truncated` those with fewer
-    than two finished responses, left out), and the counts."""
-    rows, counted_before = {}, ranker.stats()
+    """The ranking row of each of one shard's prompts (None for a tied prompt, and with `drop_truncated` for one with
+    fewer than two finished responses), and the counts."""
+    rows, counted_before = [], ranker.stats()
     part = generations.select(range(shard.start, shard.stop))
     dropped = 0
-    for index, prompt, responses, reasons, judgement in zip(range(shard.start, shard.stop), conversations(part[:]),
-                                                            part[RESPONSES], finish_reasons(part),
-                                                            judge(ranker, part)):  # fmt: skip
+    for prompt, responses, reasons, judgement in zip(conversations(part[:]), part[RESPONSES], finish_reasons(part),
+                                                     judge(ranker, part)):  # fmt: skip
         finished = [i for i, reason in enumerate(reasons) if reason != TRUNCATED] if drop_truncated else None
         if finished is not None and len(finished) < 2:
             dropped += 1
-            continue
-        row = ranking_row(prompt, responses, judgement, finished)
-        if row is not None:
-            rows[index] = row
+            rows.append(None)
+        else:
+            rows.append(ranking_row(prompt, responses, judgement, finished))
     counts = {name: count - counted_before.get(name, 0) for name, count in ranker.stats().items()}
-    return {"rows": rows, "tied_prompts": shard.size - len(rows) - dropped, "dropped_truncated_prompts": dropped,
+    return {PER_ROW: {"row": rows}, "tied_prompts": rows.count(None) - dropped, "dropped_truncated_prompts": dropped,
             "ranker": counts}  # fmt: skip
 
 
@@ -126,7 +124,8 @@ def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple
         results = run_shards(directory, len(generations), config.shard_size, functools.partial(_judge, config,
                              generations), bar, config.data_parallel_size)  # fmt: skip
     # The shards hold only what ranking computed; every column of the generations is kept as it is.
-    rows = {int(index): row for result in results for index, row in result["rows"].items()}
+    rows = {index: row for index, row in enumerate(row for result in results for row in result[PER_ROW]["row"])
+            if row is not None}  # fmt: skip
     if not rows:
         raise SppoError(f"all {len(generations)} prompts had tied responses: nothing to train on")
     stats = {"prompts": len(generations), "pairs": len(rows),

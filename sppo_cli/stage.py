@@ -35,7 +35,7 @@ from sppo_cli.config import Settings
 from sppo_cli.data import MANIFEST, PARTIAL_SUFFIX, read_manifest
 from sppo_cli.errors import SppoError
 from sppo_cli.identity import differences, fingerprint
-from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log
+from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log, warn
 from sppo_cli.parallel import run_workers
 
 RUN_FILE = "run.json"
@@ -262,9 +262,10 @@ def run_shards(directory: Path, rows: int, shard_size: int, open_worker: ShardWo
     """Process every row, `shard_size` at a time, and return the shards' results in row order.
 
     `open_worker()` loads what the work needs (a model) and yields a function that processes one shard into a
-    JSON-serialisable dict. Shards already saved in `directory` are not processed again; the others are, on
-    `data_parallel_size` worker processes (each taking every data_parallel_size-th pending shard) or in this process.
-    A resumed run keeps the shard size of the run it resumes.
+    JSON-serialisable dict whose `PER_ROW` entry holds lists of one value per row. Shards already saved in `directory`
+    are not processed again, unless damaged (unreadable, or not one value per row: redone, with a warning); the others
+    are, on `data_parallel_size` worker processes (each taking every data_parallel_size-th pending shard) or in this
+    process. A resumed run keeps the shard size of the run it resumes.
     """
     directory.mkdir(parents=True, exist_ok=True)
     layout = directory / LAYOUT
@@ -273,7 +274,7 @@ def run_shards(directory: Path, rows: int, shard_size: int, open_worker: ShardWo
     else:
         write_json(layout, {"shard_size": shard_size, "rows": rows})
     shards = [Shard(i, start, min(start + shard_size, rows)) for i, start in enumerate(range(0, rows, shard_size))]
-    pending = [shard for shard in shards if not _shard_path(directory, shard).exists()]
+    pending = [shard for shard in shards if _saved_shard(directory, shard) is None]
     logger.info("%d shards of up to %d rows, %d to do", len(shards), shard_size, len(pending))
     progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
     workers = min(data_parallel_size, len(pending))
@@ -282,16 +283,38 @@ def run_shards(directory: Path, rows: int, shard_size: int, open_worker: ShardWo
         work(pending, progress.update)
     elif workers > 1:
         run_workers(work, [pending[rank::workers] for rank in range(workers)], progress.update, gpus_per_worker)
-    return [json.loads(_shard_path(directory, shard).read_text()) for shard in shards]
+    return [_saved_shard(directory, shard) for shard in shards]
+
+
+PER_ROW = "per_row"  # a shard result's lists of one value per row, by name
 
 
 def _shard_path(directory: Path, shard: Shard) -> Path:
     return directory / f"{shard.index:06d}.json"
 
 
+def _saved_shard(directory: Path, shard: Shard) -> dict | None:
+    """The saved result of `shard`; None when there is none, or when it is damaged (then removed, to be redone)."""
+    path = _shard_path(directory, shard)
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        intact = result["start"] == shard.start and all(len(values) == shard.size for values in
+                                                        result[PER_ROW].values())  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError):
+        intact = False
+    if intact:
+        return result
+    warn(f"{path} is damaged (unreadable, or not one result per row of prompts {shard.start}-{shard.stop - 1}); "
+         "doing that shard again")  # fmt: skip
+    path.unlink()
+    return None
+
+
 def _process_shards(open_worker: ShardWorker, directory: Path, shards: list[Shard], report: Callable) -> None:
     with open_worker() as process:
         for shard in shards:
             result = process(shard)
-            write_json(_shard_path(directory, shard), result)
+            write_json(_shard_path(directory, shard), {"start": shard.start, **result})
             report(shard.size, result.get("num_tokens", 0))

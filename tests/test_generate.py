@@ -197,6 +197,33 @@ def test_an_interrupted_run_resumes_from_its_finished_shards(tmp_path, tiny_mode
     assert load_stage(output)[0].to_list() == load_stage(reference)[0].to_list()
 
 
+def test_a_damaged_shard_is_done_again_with_a_warning_never_shifting_the_rows(tmp_path, tiny_model, seven_file,
+                                                                            capsys):  # fmt: skip
+    """A shard that lost a row would pair every later prompt with the next one's responses; a cut-short one cannot be
+    read. Both are done again."""
+    reference = tmp_path / "reference"
+    generate(str(tiny_model), str(seven_file), reference, CONFIG)
+    data = load_stage(reference)[0]
+    shards = tmp_path / "gens.partial" / "shards"  # as an interrupted run with the same settings leaves them
+    shards.mkdir(parents=True)
+    (tmp_path / "gens.partial" / "run.json").write_text(json.dumps(json.loads(
+        (reference / "manifest.json").read_text())["identity"]))  # fmt: skip
+    (shards / "layout.json").write_text(json.dumps({"shard_size": 2, "rows": 7}))
+    for index in (0, 1, 2):
+        rows = data.select(range(2 * index, 2 * index + 2))
+        per_row = {c: list(rows[c]) for c in ("prompt_text", "prompt_token_ids", "responses", "response_tokens",
+                                        "response_token_ids", "finish_reasons")}  # fmt: skip
+        if index == 1:
+            per_row = {c: values[1:] for c, values in per_row.items()}  # a row lost
+        text = json.dumps({"start": 2 * index, "per_row": per_row, "num_tokens": 0, "max_model_len": 1024})
+        (shards / f"{index:06d}.json").write_text(text[:100] if index == 2 else text)  # the third cut short
+    manifest, done = generate(str(tiny_model), str(seven_file), tmp_path / "gens", CONFIG)
+    assert not done and load_stage(tmp_path / "gens")[0].to_list() == data.to_list()
+    err = capsys.readouterr().err
+    assert "000001.json is damaged (unreadable, or not one result per row of prompts 2-3); doing that shard again" in err
+    assert "000002.json is damaged" in err and "000000.json" not in err
+
+
 def test_settings_that_do_not_change_the_samples_keep_the_finished_shards(tmp_path, tiny_model, seven_file,
                                                                            monkeypatch):  # fmt: skip
     def crash(*args):

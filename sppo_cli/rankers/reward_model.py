@@ -9,7 +9,6 @@ from sppo_cli.errors import SppoError, first_line
 from sppo_cli.models import default_device, inference_dtype, load_tokenizer, resolve_model
 from sppo_cli.rankers import Judgement
 
-
 DEFAULT_MAX_LENGTH = 4096  # for a model that does not say its context window
 
 
