@@ -15,6 +15,8 @@ Work is cut into shards of consecutive rows; each finished shard is saved as a f
 (even kill -9) loses at most the shards in progress.
 """
 
+import ctypes
+import errno
 import fcntl
 import functools
 import json
@@ -39,6 +41,8 @@ from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log, warn
 from sppo_cli.parallel import run_workers
 
 RUN_FILE = "run.json"
+REPLACED_SUFFIX = ".replaced"
+REPLACED_MARK = ".replaced-by-sppo"  # in an output that a new one is replacing
 SHARDS = "shards"
 LAYOUT = "layout.json"
 
@@ -85,6 +89,7 @@ class StageRun:
     def finished(self) -> dict | None:
         """The manifest when `output` is already this very run's result (and not to be redone); raises when it holds
         something else that may not be replaced."""
+        self._recover_replacement()
         if not self.output.exists():
             return None
         if not (self.output / MANIFEST).exists():
@@ -100,6 +105,24 @@ class StageRun:
         raise SppoError(f"{self.output} was made {self._how_made(manifest.get('identity'))}; pass --overwrite to "
                         "replace it")  # fmt: skip
 
+    def _recover_replacement(self) -> None:
+        """Finish a replacement a kill interrupted: remove the old output, left as `<output>.replaced` or, after the
+        exchange, as `<output>.partial`; put a finished partial in place if the output is missing."""
+        partial_is_old = (self.partial / REPLACED_MARK).exists()
+        if partial_is_old or self.output.with_name(self.output.name + REPLACED_SUFFIX).exists():
+            if partial_is_old:
+                os.replace(self.partial, self.output.with_name(self.output.name + REPLACED_SUFFIX))
+            if not self.output.exists() and self.completed_any():
+                os.replace(self.partial, self.output)
+            shutil.rmtree(self.output.with_name(self.output.name + REPLACED_SUFFIX), ignore_errors=True)
+
+    def completed_any(self) -> bool:
+        """Whether `<output>.partial` holds a run that finished (its manifest written), whatever its identity."""
+        try:
+            return bool(json.loads((self.partial / MANIFEST).read_text()).get("complete"))
+        except (OSError, ValueError):
+            return False
+
     def _how_made(self, other: dict | None) -> str:
         if not other:
             return "by another version of sppo, which kept no record of its settings"
@@ -107,14 +130,20 @@ class StageRun:
             return f"by `sppo {other.get('stage')}`, not `sppo {self.stage}`"
         return f"with other settings or inputs: {', '.join(differences(other, self.identity))}"
 
-    def open(self, lock: bool = True) -> Path:
-        """Create `<output>.partial`, or resume it if an interrupted run with the same identity left it.
+    def open(self, lock: bool = True) -> Path | None:
+        """Create `<output>.partial`, or resume it if an interrupted run with the same identity left it; None when
+        another process finished this very run meanwhile (nothing is left to do).
 
         With `lock`, hold the partial output's lock until `close()`: another process writing it is refused."""
-        self.partial.mkdir(parents=True, exist_ok=True)
         if lock:
             self._acquire_lock()
+        else:
+            self.partial.mkdir(parents=True, exist_ok=True)
         try:
+            if lock and self.finished() is not None:  # finished by another process before this one held the lock
+                self._drop_empty_partial()
+                self.close()
+                return None
             return self._resume_or_start()
         except BaseException:
             self.close()
@@ -137,13 +166,31 @@ class StageRun:
         return self.partial
 
     def _acquire_lock(self) -> None:
-        self._lock = os.open(self.partial, os.O_RDONLY)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        """Lock `<output>.partial`, created if need be; a partial that another process renamed into place meanwhile is
+        not the one to lock: look again."""
+        while True:
+            self.partial.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lock = os.open(self.partial, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.close()
+                raise SppoError(f"{self.partial} is being written by another sppo process; wait for it to finish, or "
+                                "stop it, before running this again") from None  # fmt: skip
+            try:
+                if os.path.samestat(os.fstat(self._lock), os.stat(self.partial)):
+                    return
+            except FileNotFoundError:
+                pass
             self.close()
-            raise SppoError(f"{self.partial} is being written by another sppo process; wait for it to finish, or "
-                            "stop it, before running this again") from None  # fmt: skip
+
+    def _drop_empty_partial(self) -> None:
+        """Remove the `<output>.partial` this process created to lock, if it holds nothing (but a log)."""
+        if all(entry.name == LOG_NAME for entry in self.partial.iterdir()):
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def close(self) -> None:
         """Release the partial output's lock."""
@@ -189,16 +236,24 @@ class StageRun:
         }
 
     def finish(self) -> None:
-        """Drop what only resuming needed and rename `<output>.partial` into place (replacing `output` if allowed)."""
+        """Drop what only resuming needed and rename `<output>.partial` into place. An output it replaces (allowed
+        by `overwrite`, or a finished run's own partial) is exchanged with it in one step, so that `output` is the old
+        or the new one whenever the process is killed, and then removed."""
         for pattern in self.scratch:
             for scratch in self.partial.glob(pattern):
                 shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
-        replaced = self.output.with_name(self.output.name + ".replaced")
+        replaced = self.output.with_name(self.output.name + REPLACED_SUFFIX)
         shutil.rmtree(replaced, ignore_errors=True)  # what an interrupted replacement was replacing
-        if self.output.exists():
-            os.replace(self.output, replaced)
-        os.replace(self.partial, self.output)
-        shutil.rmtree(replaced, ignore_errors=True)
+        if not self.output.exists():
+            os.replace(self.partial, self.output)
+        else:
+            (self.output / REPLACED_MARK).touch()  # the old output, wherever a kill leaves it, is known for what it is
+            if exchange(self.partial, self.output):
+                os.replace(self.partial, replaced)
+            else:  # a file system without atomic exchange: two renames, the second finished by the next run
+                os.replace(self.output, replaced)
+                os.replace(self.partial, self.output)
+            shutil.rmtree(replaced, ignore_errors=True)
         self.close()
 
     def log_start(self) -> None:
@@ -208,6 +263,22 @@ class StageRun:
     @staticmethod
     def log_finish(manifest: dict) -> None:
         logger.info("finished: %s", {k: v for k, v in manifest.items() if k not in ("parameters", "identity")})
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the file system or the C
+    library cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(a))
 
 
 def save_dataset(data: Dataset, directory: Path) -> None:
@@ -230,6 +301,8 @@ def run_stage(run: StageRun, work: Callable[[Path], dict], verbose: bool = False
         return manifest, True
     try:
         partial = run.open()
+        if partial is None:  # another process finished it meanwhile
+            return run.finished(), True
         with stage_log(partial / LOG_NAME, verbose):
             run.log_start()
             manifest = run.completed() or run.write_manifest(**work(partial))

@@ -169,8 +169,10 @@ def train(model: str, data: str, output: str | Path, config: TrainConfig, overwr
     trainer_config = sppo_config(config, run.partial)  # sets up the distributed state
     state = PartialState()
     try:
-        if state.is_main_process:
-            run.open(lock=not under_sppo_launcher())  # the launching process holds the lock
+        if state.is_main_process and run.open(lock=not under_sppo_launcher()) is None:  # the launcher holds the lock
+            if state.num_processes == 1:  # finished by another process meanwhile
+                return read_manifest(run.output), True
+            run.open(lock=False)  # the other processes are on their way: this run finishes the output again
         state.wait_for_everyone()
         with stage_log(run.partial / LOG_NAME, verbose, inherited=under_sppo_launcher()):
             if state.is_main_process:
@@ -286,6 +288,8 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
         return manifest, True
     try:
         partial = run.open()
+        if partial is None:  # finished by another process meanwhile
+            return read_manifest(run.output), True
         with tempfile.TemporaryDirectory() as exchange, stage_log(partial / LOG_NAME, verbose):
             run.log_start()
             exchange = Path(exchange)

@@ -11,6 +11,8 @@ from sppo_cli import identity
 from sppo_cli.config import TinyConfig
 from sppo_cli.errors import SppoError
 from sppo_cli.identity import content_digest, differences, fingerprint
+from sppo_cli import stage
+from sppo_cli.data import load_stage
 from sppo_cli.stage import StageRun, run_stage, save_dataset
 
 
@@ -135,6 +137,76 @@ def test_an_interrupted_replacement_is_finished_by_the_next_run(tmp_path):
     (tmp_path / "out.replaced" / "old").write_text("x")
     run_stage(StageRun("tiny-model", out, TinyConfig(seed=2), {}, overwrite=True), lambda p: build(p, [{"a": 2}]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+class Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("killed_at", ["exchange", "rename", "removal"])
+def test_a_replacement_killed_at_any_point_leaves_the_old_or_the_new_output(tmp_path, monkeypatch, killed_at):
+    """The output is exchanged with the new one in one step, then the old one is renamed away and removed: a kill at
+    any point leaves one of them in place, and the same command run again finishes the replacement."""
+    out = tmp_path / "out"
+    run_stage(StageRun("tiny-model", out, TinyConfig(seed=1), {}), lambda p: build(p, [{"a": 1}]))
+    real_exchange, real_replace, real_rmtree, exchanged = stage.exchange, os.replace, stage.shutil.rmtree, []
+
+    def exchange(a, b):
+        if killed_at == "exchange":
+            raise Killed
+        exchanged.append(real_exchange(a, b))
+        return exchanged[-1]
+
+    def replace(a, b):
+        if exchanged and killed_at == "rename":
+            raise Killed
+        real_replace(a, b)
+
+    def rmtree(path, ignore_errors=False):
+        if exchanged and killed_at == "removal" and Path(path).exists():
+            raise Killed
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(stage, "exchange", exchange)
+    monkeypatch.setattr(stage.os, "replace", replace)
+    monkeypatch.setattr(stage.shutil, "rmtree", rmtree)
+    with pytest.raises(Killed):
+        run_stage(StageRun("tiny-model", out, TinyConfig(seed=2), {}, overwrite=True), lambda p: build(p, [{"a": 2}]))
+    monkeypatch.undo()
+    assert load_stage(out)[0]["a"] == ([1] if killed_at == "exchange" else [2])  # the old or the new one
+    manifest, _ = run_stage(StageRun("tiny-model", out, TinyConfig(seed=2), {}, overwrite=killed_at == "exchange"),
+                            lambda p: pytest.fail("re-ran"))  # fmt: skip
+    assert manifest["parameters"] == {"seed": 2} and load_stage(out)[0]["a"] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_run_finished_by_another_process_while_this_one_started_is_not_done_again(tmp_path):
+    out = tmp_path / "out"
+    second = StageRun("tiny-model", out, TinyConfig(seed=1), {})
+    assert second.finished() is None  # ... then the first run finishes
+    run_stage(StageRun("tiny-model", out, TinyConfig(seed=1), {}), lambda p: build(p, [{"a": 1}]))
+    before = (out / "manifest.json").read_text()
+    assert second.open() is None and (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_partial_renamed_into_place_while_this_run_locks_it_is_not_the_one_locked(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = StageRun("tiny-model", out, TinyConfig(seed=1), {})
+    first.open(lock=False)
+    real_open, opened = os.open, []
+
+    def open_after_the_rename(path, flags, *args):  # the first run renames its partial into place just then
+        if not opened and Path(path) == tmp_path / "out.partial":
+            opened.append(path)
+            os.replace(path, out)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(stage.os, "open", open_after_the_rename)
+    second = StageRun("tiny-model", out, TinyConfig(seed=2), {}, overwrite=True)
+    assert second.open() == tmp_path / "out.partial" and opened  # it locked the partial, not the output
+    assert os.path.samestat(os.fstat(second._lock), os.stat(tmp_path / "out.partial"))
+    second.close()
 
 
 def test_a_run_killed_after_its_manifest_is_finished_by_the_next(tmp_path):
