@@ -12,8 +12,10 @@ import os
 import queue
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from sppo_cli.errors import SppoError, first_line
 from sppo_cli.models import gpu_count
@@ -36,6 +38,56 @@ def die_with_parent(parent: int | None = None) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent or parent == 1:  # the parent died before the request
         os._exit(1)
+
+
+def reap_descendants_on_death() -> None:
+    """Fork a watcher that, once this process is gone (even by kill -9), kills the processes it had started, with their
+    own children: vLLM's engine processes (gigabytes, GPU memory on a GPU) are not tied to their parent and would
+    otherwise live on. The watcher keeps a list of the living descendants, checked twice a second."""
+    parent = os.getpid()
+    if os.fork():
+        return
+    try:
+        os.setsid()  # a Ctrl-C to the terminal's process group does not stop the watcher before it has done its work
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # hold no pipe or lock of the parent's open
+            os.dup2(null, fd)
+        os.closerange(3, max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1)
+        known: set[tuple[int, str]] = set()
+        while os.getppid() == parent:
+            known = _descendants(parent) - _descendants(os.getpid()) - {(os.getpid(), _started(os.getpid()))}
+            time.sleep(0.5)
+        for pid, started in known:
+            if _started(pid) == started:  # the same process, not a new one that reuses its number
+                os.kill(pid, signal.SIGKILL)
+    except Exception:  # noqa: BLE001 - the watcher must never print or return into the caller's code
+        pass
+    os._exit(0)
+
+
+def _started(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _descendants(root: int) -> set[tuple[int, str]]:
+    """The processes below `root`, each with its start time."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = set(), list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        found.add((pid, _started(pid)))
+        stack += children.get(pid, [])
+    return found
 
 
 def device_groups(ranks: int, gpus_per_rank: int = 1) -> list[str | None]:

@@ -7,13 +7,14 @@ complete one. `sppo train --num-processes N` (or --deepspeed) launches itself un
 holds the stage, shows the progress and prints one line; the training processes write to the stage's log.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from sppo_cli.tracking import finish_training_runs
 from sppo_cli.trainer import SPPOConfig, SPPOTrainer
 
 # How the launching process and the training processes it starts talk: the job, rank 0's progress, each one's error.
-LAUNCH_FILE, STATUS_FILE, ERROR_FILE = "launch.json", "status.json", "error-{rank}.json"
+LAUNCH_SUFFIX, LAUNCH_FILE, STATUS_FILE, ERROR_FILE = ".launch", "launch.json", "status.json", "error-{rank}.json"
 _EXPLICIT = {"loss", "report_to", "lr_scheduler_kwargs", "chat_template", "lora_r", "lora_alpha", "lora_dropout",
              "lora_target_modules", "load_in_4bit", "num_processes", "attn_implementation", "dtype"}  # fmt: skip
 
@@ -286,13 +287,19 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
     manifest = run.finished()
     if manifest is not None:
         return manifest, True
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(run.close)
         partial = run.open()
         if partial is None:  # finished by another process meanwhile
             return read_manifest(run.output), True
-        with tempfile.TemporaryDirectory() as exchange, stage_log(partial / LOG_NAME, verbose):
+        # beside the output, not in its partial (which the training processes rename into place): removed at the end,
+        # or by the next run after a kill -9; torchrun's own temporary directories land there too
+        exchange = run.output.with_name(run.output.name + LAUNCH_SUFFIX)
+        shutil.rmtree(exchange, ignore_errors=True)
+        exchange.mkdir()
+        cleanup.callback(shutil.rmtree, exchange, ignore_errors=True)
+        with stage_log(partial / LOG_NAME, verbose):
             run.log_start()
-            exchange = Path(exchange)
             write_json(exchange / LAUNCH_FILE, {"model": model, "data": data, "output": str(run.output),
                                                 "config": config.record(), "overwrite": run.overwrite})  # fmt: skip
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -300,7 +307,7 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
                        str(exchange / LAUNCH_FILE)]  # fmt: skip
             threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.num_processes)))
             environment = {**os.environ, "SPPO_STATUS_FILE": str(exchange / STATUS_FILE), "OMP_NUM_THREADS": threads,
-                           "SPPO_STAGE_STARTED": str(run.started)}  # fmt: skip
+                           "SPPO_STAGE_STARTED": str(run.started), "TMPDIR": str(exchange)}  # fmt: skip
             logger.info("launching: %s", " ".join(command))
             process = subprocess.Popen(command, env=environment, preexec_fn=die_with_parent)
             try:
@@ -311,8 +318,6 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
                     process.wait()
             if process.returncode != 0:
                 raise _failure(exchange, process.returncode)
-    finally:
-        run.close()
     manifest = read_manifest(run.output)
     return manifest, False
 

@@ -1,6 +1,8 @@
 """Each stage through the `sppo` command: bad input ends with one clear line, a non-zero exit and no output."""
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,23 +87,37 @@ def test_bad_plugins(capsys, tmp_path, generations, plugin, ranker, message):
     assert_clean_failure(code, err, message, tmp_path / "r")
 
 
-def test_generate_bad_inputs(capsys, tmp_path, tiny_model):
+def test_generate_bad_inputs(capsys, tmp_path, tiny_model, monkeypatch):
     out = tmp_path / "gens"
     write_jsonl(tmp_path / "nocol.jsonl", [{"text": "a"}])
     write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a"}])
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b",}\n')
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    (tmp_path / "runs").mkdir()
+    finished_output(Dataset.from_list([{"prompt": "a"}]), tmp_path / "gens-old.partial", "generate")
     cases = [
         (["--prompts", tmp_path / "nocol.jsonl", "--model", tiny_model], "missing column(s) 'prompt'"),
         (["--prompts", tmp_path / "ok.jsonl", "--model", tiny_model, "-k", "0"],
          "--num-samples must be at least 1, got 0"),
         (["--prompts", tmp_path / "ok.jsonl", "--model", tiny_model, "--top-p", "0"],
          "--top-p must be greater than 0, got 0.0"),
-        (["--prompts", tmp_path / "empty.jsonl", "--model", tiny_model], "empty.jsonl"),
+        (["--prompts", tmp_path / "empty.jsonl", "--model", tiny_model], "cannot read " + str(tmp_path / "empty.jsonl")
+         + ": the file is empty"),
+        (["--prompts", tmp_path / "bad.jsonl", "--model", tiny_model],
+         "bad.jsonl: line 2 is not valid JSON (Expecting"),
+        (["--prompts", tmp_path / "ok.jsonl", "--model", tiny_model, "--split", "test"],
+         "ok.jsonl has no splits: --split test needs a dataset with several"),
+        (["--prompts", tmp_path / "ok.jsonl", "--model", tiny_model, "--seed", "-1"], "--seed must be at least 0"),
+        (["--prompts", tmp_path / "gens-old.partial", "--model", tiny_model],
+         "gens-old.partial is the unfinished output of an interrupted run, not an input"),
+        (["--prompts", tmp_path / "ok.jsonl", "--model", "runs/model"], "model not found: runs/model"),
+        (["--prompts", tmp_path / "[/x].jsonl", "--model", tiny_model], "[/x].jsonl: no such file or directory"),
         (["--prompts", tmp_path / "broken.parquet", "--model", tiny_model], "cannot read"),
         (["--prompts", tmp_path / "ok.jsonl", "--model", tmp_path / "no-model"], "model not found"),
         (["--prompts", tmp_path / "ok.jsonl", "--model", tmp_path], "cannot load the tokenizer"),
     ]
+    monkeypatch.chdir(tmp_path)  # where runs/ is a local directory: runs/model is a path, never a hub id
     for args, message in cases:
         code, err = run_cli(capsys, "generate", "--output", out, "--max-new-tokens", "2", *args)
         assert_clean_failure(code, err, message, out)
@@ -120,6 +136,12 @@ def test_rank_bad_inputs(capsys, tmp_path, generations, plugin):
         (generations, str(tmp_path / "no-pairrm"), "PairRM checkpoint not found: there is no directory"),
         (generations, "reward-model:./no-rm", "reward model not found: there is no directory ./no-rm"),
         (generations, "rule:code", "unknown rule 'rule:code'"),
+        (finished_output(Dataset.from_list([{"prompt": "a", "prompt_text": "A", "responses": ["x", "y"]}]),
+                         tmp_path / "g.partial", "generate"), "python:my_rankers:by_length",
+         "g.partial is the unfinished output of an interrupted run, not an input"),
+        (finished_output(Dataset.from_list([{"prompt": "a", "prompt_text": "A", "responses": ["x", "y"],
+                                             "answer": None}]), tmp_path / "g2", "generate"), "rule:math",
+         "rule:math: the prompt 'a' has no reference answer in column 'answer'"),
     ]
     for source, ranker, message in cases:
         code, err = run_cli(capsys, "rank", "--generations", source, "--output", out, "--ranker", ranker)
@@ -129,6 +151,12 @@ def test_rank_bad_inputs(capsys, tmp_path, generations, plugin):
 
 def test_train_bad_inputs(capsys, tmp_path, tiny_model, generations):
     out = tmp_path / "model"
+    untemplated = tmp_path / "untemplated"
+    shutil.copytree(tiny_model, untemplated)
+    config = json.loads((untemplated / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (untemplated / "tokenizer_config.json").write_text(json.dumps(config))
+    (untemplated / "chat_template.jinja").unlink(missing_ok=True)
     cases = [
         (["--data", generations, "--model", tiny_model], "is the output of `sppo generate`, expected `sppo rank`"),
         (["--data", tmp_path / "nope", "--model", tiny_model], "no such file or directory"),
@@ -144,7 +172,14 @@ def test_train_bad_inputs(capsys, tmp_path, tiny_model, generations):
         (["--data", ranked, "--model", tiny_model, "--optim", "adamw_tourch"], "invalid training settings: "),
         (["--data", ranked, "--model", tiny_model, "--lr-scheduler-kwargs", "min_lr=1"],
          "--lr-scheduler-kwargs must be a JSON object, got 'min_lr=1'"),
+        (["--data", ranked, "--model", tiny_model, "--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--data", ranked, "--model", tiny_model, "--max-steps", "0"], "--max-steps must be -1 (the epochs decide)"),
+        (["--data", ranked, "--model", tiny_model, "--max-length", "2"],
+         "every prompt fills --max-length (2 tokens) on its own, leaving no response token to learn from"),
+        (["--data", ranked, "--model", untemplated], "has no chat template: give one with --chat-template FILE"),
+        (["--data", str(ranked) + ".partial", "--model", tiny_model], "is the unfinished output of an interrupted run"),
     ]  # fmt: skip
+    shutil.copytree(ranked, str(ranked) + ".partial")
     for args, message in cases:
         code, err = run_cli(capsys, "train", "--output", out, *args)
         assert_clean_failure(code, err, message, out)
@@ -289,3 +324,49 @@ def test_a_chat_template_file_replaces_the_model_s_and_a_model_without_one_is_to
     assert manifest["identity"]["inputs"]["chat_template"].startswith("sha256:")  # its content, not its name
     code, err = run_cli(capsys, *args, "--output", tmp_path / "g2", "--chat-template", tmp_path / "missing.jinja")
     assert_clean_failure(code, err, "cannot read the chat template")
+
+
+def test_user_text_is_printed_as_it_is_never_as_markup(capsys, tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "[INST] hi [/INST]"}, {"prompt": "[bold]b[/bold]"}])
+    out = tmp_path / "[/run]"
+    code, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompts", prompts, "--output", out, "-k", "2",
+                        "--max-new-tokens", "2", "--backend", "transformers")  # fmt: skip
+    assert code == 0 and f"✓ {out}: 2 prompts" in err
+    assert load_stage(out)[0]["prompt"] == ["[INST] hi [/INST]", "[bold]b[/bold]"]
+
+
+def test_a_recipe_s_values_are_checked_against_the_settings_types_naming_the_recipe(capsys, tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    common = ["--model", tiny_model, "--prompts", prompts, "--output", tmp_path / "g", "--config"]
+    for text, message in [
+        ("generate:\n  num_samples: lots\n", "`generate: num_samples:` must be an integer, got 'lots'"),
+        ("generate:\n  stop: 5\n", "`generate: stop:` must be a list of strings, got 5"),
+        ("generate:\n  backend: tpu\n", "`generate: backend:` must be one of auto, vllm, transformers, got 'tpu'"),
+    ]:
+        (tmp_path / "r.yaml").write_text(text)
+        code, err = run_cli(capsys, "generate", *common, tmp_path / "r.yaml")
+        assert_clean_failure(code, err, f"{tmp_path / 'r.yaml'}: {message}", tmp_path / "g")
+    (tmp_path / "r.yaml").write_text("generate:\n")  # an empty section sets nothing
+    code, err = run_cli(capsys, "generate", *common, tmp_path / "r.yaml", "-k", "2", "--max-new-tokens", "2",
+                        "--backend", "transformers")  # fmt: skip
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_run_resumes(tmp_path, tiny_model, signum):
+    import time
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(400)])
+    command = [str(Path(sys.executable).with_name("sppo")), "generate", "--model", str(tiny_model), "--prompts",
+               str(prompts), "--output", str(tmp_path / "g"), "-k", "2", "--max-new-tokens", "16", "--backend",
+               "transformers", "--batch-size", "1", "--shard-size", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "g.partial").glob("shards/0*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signum)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 128 + signum and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"sppo: stopped by {signal.Signals(signum).name}; run the same "
+                                                 "command again to resume")  # fmt: skip
+    assert list((tmp_path / "g.partial").glob("shards/0*.json"))  # the finished shards are kept

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import finished_output, run_cli, write_jsonl
 from datasets import Dataset
 
 from sppo_cli import metrics
@@ -14,8 +15,6 @@ from sppo_cli.data import load_stage
 from sppo_cli.errors import SppoError
 from sppo_cli.eval import evaluate
 from sppo_cli.generate import generate
-
-from conftest import finished_output, run_cli, write_jsonl
 
 SAMPLING = dict(max_new_tokens=6, backend="transformers", batch_size=4, shard_size=2, seed=5)
 

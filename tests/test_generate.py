@@ -220,7 +220,8 @@ def test_a_damaged_shard_is_done_again_with_a_warning_never_shifting_the_rows(tm
     manifest, done = generate(str(tiny_model), str(seven_file), tmp_path / "gens", CONFIG)
     assert not done and load_stage(tmp_path / "gens")[0].to_list() == data.to_list()
     err = capsys.readouterr().err
-    assert "000001.json is damaged (unreadable, or not one result per row of prompts 2-3); doing that shard again" in err
+    assert "000001.json is damaged (unreadable, or not one result per row of prompts 2-3); doing that shard " \
+        "again" in err  # fmt: skip
     assert "000002.json is damaged" in err and "000000.json" not in err
 
 
@@ -388,5 +389,6 @@ def test_the_seeded_sampler_draws_from_the_tempered_top_p_distribution():
     expected = torch.where(keep, probabilities, 0.0) / probabilities[keep].sum()
     observed = torch.bincount(picked, minlength=5) / draws
     assert torch.allclose(observed, expected, atol=0.01) and observed[~keep].sum() == 0
-    again = SeededSampler([3, 4], 0.7, 0.9, torch.device("cpu"))(torch.zeros(2, 1, dtype=torch.long), logits.repeat(2, 1))
+    again = SeededSampler([3, 4], 0.7, 0.9, torch.device("cpu"))(torch.zeros(2, 1, dtype=torch.long),
+                                                                  logits.repeat(2, 1))  # fmt: skip
     assert torch.equal(again.argmax(dim=1), picked[3:5])  # a row's draw depends on its own seed only

@@ -7,6 +7,8 @@ import datasets
 import huggingface_hub
 import pytest
 import yaml
+from conftest import run_cli, write_jsonl
+from hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
 
 from sppo_cli import hub as publishing
 from sppo_cli.config import EvalConfig, GenerateConfig, PushConfig, RankConfig, TrainConfig
@@ -16,9 +18,6 @@ from sppo_cli.generate import generate
 from sppo_cli.identity import content_digest
 from sppo_cli.rank import rank
 from sppo_cli.train import load_inputs, train
-
-from conftest import run_cli, write_jsonl
-from hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
 
 SAMPLING = dict(max_new_tokens=6, backend="transformers", batch_size=4, seed=5)
 

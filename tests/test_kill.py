@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, finished_output, write_jsonl
+from test_train import rankings
 from transformers import AutoModelForCausalLM
 
 from sppo_cli.config import GenerateConfig, RankConfig, TrainConfig
@@ -19,9 +21,6 @@ from sppo_cli.data import load_stage
 from sppo_cli.generate import generate
 from sppo_cli.rank import rank
 from sppo_cli.train import train
-
-from conftest import REPO, finished_output, write_jsonl
-from test_train import rankings
 
 pytestmark = pytest.mark.slow
 

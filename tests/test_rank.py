@@ -9,7 +9,6 @@ from sppo_cli.errors import SppoError
 from sppo_cli.rank import rank_all, ranking_row
 from sppo_cli.rankers import preference_matrix, win_rates
 
-
 P = [{"role": "user", "content": "p"}]
 
 
@@ -101,7 +100,8 @@ def test_the_sampled_token_ids_follow_the_pair_and_drop_truncated_never_picks_a_
     assert rankings["chosen_index"] == [2, 2] and rankings["rejected_index"] == [0, 0]
     assert stats["pairs_with_truncated"] == 2 and stats["dropped_truncated_prompts"] == 0
     rankings, stats = rank(generations, tmp_path / "finished", drop_truncated=True)
-    assert rankings["prompt"] == ["a"] and rankings["chosen_token_ids"] == [[2]] and rankings["rejected_token_ids"] == [[1]]
+    assert rankings["prompt"] == ["a"]
+    assert rankings["chosen_token_ids"] == [[2]] and rankings["rejected_token_ids"] == [[1]]
     assert rankings[0]["chosen_probs_win"] == pytest.approx((0.5 + sigmoid(2) + sigmoid(-2)) / 3)  # against all K
     assert stats == {"prompts": 2, "pairs": 1, "tied_prompts": 0, "dropped_truncated_prompts": 1,
                      "pairs_with_truncated": 0}  # fmt: skip

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from sppo_cli import identity
+from sppo_cli import identity, stage
 from sppo_cli.config import TinyConfig
+from sppo_cli.data import load_stage
 from sppo_cli.errors import SppoError
 from sppo_cli.identity import content_digest, differences, fingerprint
-from sppo_cli import stage
-from sppo_cli.data import load_stage
 from sppo_cli.stage import StageRun, run_stage, save_dataset
 
 

@@ -3,13 +3,12 @@
 import struct
 
 import pytest
+from conftest import finished_output, write_jsonl
+from test_train import rankings
 
 from sppo_cli.config import EvalConfig, TrainConfig
 from sppo_cli.eval import evaluate
 from sppo_cli.train import train
-
-from conftest import finished_output, write_jsonl
-from test_train import rankings
 
 wandb = pytest.importorskip("wandb")
 

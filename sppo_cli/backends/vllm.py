@@ -11,6 +11,7 @@ from sppo_cli.config import EngineOptions, SamplingOptions
 from sppo_cli.data import STOPPED, TRUNCATED
 from sppo_cli.errors import SppoError, first_line
 from sppo_cli.models import on_gpu, resolve_model
+from sppo_cli.parallel import reap_descendants_on_death
 
 
 class VllmBackend:
@@ -20,6 +21,8 @@ class VllmBackend:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         from vllm import LLM
         from vllm.platforms import current_platform
+
+        reap_descendants_on_death()  # vLLM's engine processes outlive a killed parent otherwise
 
         cpu = current_platform.is_cpu()
         try:

@@ -1,9 +1,13 @@
 """The `sppo` command: registers one module per command group; known errors become one line, bugs are shown as
 bugs."""
 
+import errno
 import os
+import shutil
+import signal
 import sys
 import traceback
+from pathlib import Path
 
 import typer
 
@@ -41,23 +45,50 @@ def _log_hint() -> str:
     return f" (log: {log})" if log else ""
 
 
+def _full_disk(error: Exception, log) -> str | None:
+    """The directory whose disk is full, when that is what the error comes from (libraries report it in their own
+    words: torch's "unexpected pos" while saving an optimizer, for one)."""
+    where = log.parent if log is not None else Path.cwd()
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(where).free < 2**24:
+        return str(where)
+    return None
+
+
+class Stopped(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM: unwinds like an exception, so every stage stops its workers and engines on the way
+    out (typer would swallow a KeyboardInterrupt without a word)."""
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
 def main() -> None:
     if "--verbose" not in sys.argv:
         quiet_libraries()
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         app()
     except SppoError as error:
         failed("error:", f"{_user_message(error)}{_log_hint()}")
         sys.exit(1)
-    except KeyboardInterrupt:
-        failed("interrupted;", "run the same command again to resume")
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one line, however often Ctrl-C is pressed while it unwinds
+        name = str(stop) or "SIGINT"
+        failed("stopped", f"by {name}; run the same command again to resume")
+        sys.exit(128 + signal.Signals[name].value)
     except Exception as error:  # a bug, in sppo or a library: shown as one, with its traceback
         if os.environ.get("SPPO_DEBUG"):
             raise
         from sppo_cli.logs import last_log
 
         log = last_log()
+        full = _full_disk(error, log)
+        if full:
+            failed("error:", f"no space left on the device holding {full} ({first_line(error)}); free some space and "
+                             "run the same command again: finished work is kept")  # fmt: skip
+            sys.exit(1)
         if log is None:
             traceback.print_exc()
         where = f"its traceback is in {log}" if log else "its traceback is above"
