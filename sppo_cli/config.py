@@ -211,6 +211,12 @@ class RankConfig(WorkOptions, RankerOptions):
     drop_truncated: bool = setting(False, "Never choose or reject a response that --max-new-tokens cut off (it still "
                                    "counts in the others' win rates); a prompt left with fewer than two is dropped.")
 
+    def identity(self) -> dict:
+        settings = super().identity()
+        if not self.drop_truncated:  # as rankings were made before the option: they stay finished
+            del settings["drop_truncated"]
+        return settings
+
 
 # ---- evaluation -----------------------------------------------------------------------------------------------------
 

@@ -121,12 +121,12 @@ def _json_problem(path: Path) -> str | None:
     text = path.read_text(errors="replace")
     if not text.strip():
         return "the file is empty"
-    if path.suffix.lower() == ".json":
+    if path.suffix.lower() == ".json" and not text.lstrip().startswith("{"):  # a JSON array, not JSON Lines
         try:
             json.loads(text)
             return None
-        except ValueError:
-            pass  # JSON Lines, as datasets also reads a .json file
+        except json.JSONDecodeError as error:
+            return f"line {error.lineno} is not valid JSON ({error.msg})"
     for number, line in enumerate(text.splitlines(), 1):
         try:
             if line.strip():

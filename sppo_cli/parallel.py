@@ -48,6 +48,8 @@ def reap_descendants_on_death() -> None:
     if os.fork():
         return
     try:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # not the command's handlers, which would unwind into its code
+            signal.signal(signum, signal.SIG_DFL)
         os.setsid()  # a Ctrl-C to the terminal's process group does not stop the watcher before it has done its work
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # hold no pipe or lock of the parent's open
@@ -60,7 +62,7 @@ def reap_descendants_on_death() -> None:
         for pid, started in known:
             if _started(pid) == started:  # the same process, not a new one that reuses its number
                 os.kill(pid, signal.SIGKILL)
-    except Exception:  # noqa: BLE001 - the watcher must never print or return into the caller's code
+    except BaseException:  # noqa: BLE001 - the watcher must never print or return into the caller's code
         pass
     os._exit(0)
 

@@ -126,10 +126,12 @@ def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple
     # The shards hold only what ranking computed; every column of the generations is kept as it is.
     rows = {index: row for index, row in enumerate(row for result in results for row in result[PER_ROW]["row"])
             if row is not None}  # fmt: skip
-    if not rows:
-        raise SppoError(f"all {len(generations)} prompts had tied responses: nothing to train on")
     stats = {"prompts": len(generations), "pairs": len(rows),
              **{count: sum(r[count] for r in results) for count in ("tied_prompts", "dropped_truncated_prompts")}}
+    if not rows:
+        why = "had tied responses" if not stats["dropped_truncated_prompts"] else "had tied responses or fewer than " \
+            "two finished ones (--drop-truncated)"  # fmt: skip
+        raise SppoError(f"all {len(generations)} prompts {why}: nothing to train on")
     for result in results:
         for name, count in result["ranker"].items():
             stats[name] = stats.get(name, 0) + count
@@ -137,8 +139,9 @@ def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple
     rankings = generations.select(indices)
     for column in rows[indices[0]]:
         rankings = rankings.add_column(column, [rows[i][column] for i in indices])
-    stats["pairs_with_truncated"] = sum(TRUNCATED in (reasons[row[CHOSEN_INDEX]], reasons[row[REJECTED_INDEX]])
-                                        for row, reasons in zip(rankings, finish_reasons(rankings)))  # fmt: skip
+    stats["pairs_with_truncated"] = sum(TRUNCATED in (reasons[chosen], reasons[rejected]) for reasons, chosen, rejected
+                                        in zip(finish_reasons(rankings), rankings[CHOSEN_INDEX],
+                                               rankings[REJECTED_INDEX]))  # fmt: skip
     return with_sampled_tokens(rankings), stats
 
 
@@ -146,9 +149,9 @@ def with_sampled_tokens(rankings: Dataset) -> Dataset:
     """With the chosen and rejected responses' sampled token ids, which training scores."""
     if RESPONSE_TOKEN_IDS not in rankings.column_names:  # generations made before token ids were kept
         return rankings
-    return rankings.map(lambda row: {
-        CHOSEN_TOKEN_IDS: row[RESPONSE_TOKEN_IDS][row[CHOSEN_INDEX]],
-        REJECTED_TOKEN_IDS: row[RESPONSE_TOKEN_IDS][row[REJECTED_INDEX]]}, keep_in_memory=True)  # fmt: skip
+    ids, chosen, rejected = rankings[RESPONSE_TOKEN_IDS], rankings[CHOSEN_INDEX], rankings[REJECTED_INDEX]
+    rankings = rankings.add_column(CHOSEN_TOKEN_IDS, [row[i] for row, i in zip(ids, chosen)])
+    return rankings.add_column(REJECTED_TOKEN_IDS, [row[i] for row, i in zip(ids, rejected)])
 
 
 def rank(generations: str, output: str | Path, config: RankConfig, overwrite: bool = False,

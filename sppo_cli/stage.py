@@ -15,6 +15,7 @@ Work is cut into shards of consecutive rows; each finished shard is saved as a f
 (even kill -9) loses at most the shards in progress.
 """
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -38,7 +39,7 @@ from sppo_cli.data import MANIFEST, PARTIAL_SUFFIX, read_manifest
 from sppo_cli.errors import SppoError
 from sppo_cli.identity import differences, fingerprint
 from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log, warn
-from sppo_cli.parallel import run_workers
+from sppo_cli.parallel import WorkerError, run_workers
 
 RUN_FILE = "run.json"
 REPLACED_SUFFIX = ".replaced"
@@ -109,12 +110,13 @@ class StageRun:
         """Finish a replacement a kill interrupted: remove the old output, left as `<output>.replaced` or, after the
         exchange, as `<output>.partial`; put a finished partial in place if the output is missing."""
         partial_is_old = (self.partial / REPLACED_MARK).exists()
-        if partial_is_old or self.output.with_name(self.output.name + REPLACED_SUFFIX).exists():
-            if partial_is_old:
-                os.replace(self.partial, self.output.with_name(self.output.name + REPLACED_SUFFIX))
-            if not self.output.exists() and self.completed_any():
-                os.replace(self.partial, self.output)
-            shutil.rmtree(self.output.with_name(self.output.name + REPLACED_SUFFIX), ignore_errors=True)
+        if partial_is_old or self.replaced.exists():
+            with contextlib.suppress(FileNotFoundError):  # another process may be doing the same
+                if partial_is_old:
+                    os.replace(self.partial, self.replaced)
+                if not self.output.exists() and self.completed_any():
+                    os.replace(self.partial, self.output)
+            shutil.rmtree(self.replaced, ignore_errors=True)
 
     def completed_any(self) -> bool:
         """Whether `<output>.partial` holds a run that finished (its manifest written), whatever its identity."""
@@ -189,8 +191,9 @@ class StageRun:
 
     def _drop_empty_partial(self) -> None:
         """Remove the `<output>.partial` this process created to lock, if it holds nothing (but a log)."""
-        if all(entry.name == LOG_NAME for entry in self.partial.iterdir()):
-            shutil.rmtree(self.partial, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            if all(entry.name == LOG_NAME for entry in self.partial.iterdir()):
+                shutil.rmtree(self.partial, ignore_errors=True)
 
     def close(self) -> None:
         """Release the partial output's lock."""
@@ -242,19 +245,26 @@ class StageRun:
         for pattern in self.scratch:
             for scratch in self.partial.glob(pattern):
                 shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
-        replaced = self.output.with_name(self.output.name + REPLACED_SUFFIX)
-        shutil.rmtree(replaced, ignore_errors=True)  # what an interrupted replacement was replacing
+        shutil.rmtree(self.replaced, ignore_errors=True)  # what an interrupted replacement was replacing
+        if self.output.is_file():  # not an sppo output (--overwrite allowed it): nothing to keep until the end
+            self.output.unlink()
         if not self.output.exists():
             os.replace(self.partial, self.output)
         else:
             (self.output / REPLACED_MARK).touch()  # the old output, wherever a kill leaves it, is known for what it is
             if exchange(self.partial, self.output):
-                os.replace(self.partial, replaced)
+                with contextlib.suppress(FileNotFoundError):  # another run's recovery may have moved it already
+                    os.replace(self.partial, self.replaced)
             else:  # a file system without atomic exchange: two renames, the second finished by the next run
-                os.replace(self.output, replaced)
+                os.replace(self.output, self.replaced)
                 os.replace(self.partial, self.output)
-            shutil.rmtree(replaced, ignore_errors=True)
+            shutil.rmtree(self.replaced, ignore_errors=True)
         self.close()
+
+    @property
+    def replaced(self) -> Path:
+        """Where an output being replaced goes before it is removed."""
+        return self.output.with_name(self.output.name + REPLACED_SUFFIX)
 
     def log_start(self) -> None:
         logger.info("sppo %s -> %s; inputs %s; settings %s", self.stage, self.output, self.inputs,
@@ -347,7 +357,8 @@ def run_shards(directory: Path, rows: int, shard_size: int, open_worker: ShardWo
     else:
         write_json(layout, {"shard_size": shard_size, "rows": rows})
     shards = [Shard(i, start, min(start + shard_size, rows)) for i, start in enumerate(range(0, rows, shard_size))]
-    pending = [shard for shard in shards if _saved_shard(directory, shard) is None]
+    saved = {shard: _saved_shard(directory, shard) for shard in shards}
+    pending = [shard for shard in shards if saved[shard] is None]
     logger.info("%d shards of up to %d rows, %d to do", len(shards), shard_size, len(pending))
     progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
     workers = min(data_parallel_size, len(pending))
@@ -356,7 +367,11 @@ def run_shards(directory: Path, rows: int, shard_size: int, open_worker: ShardWo
         work(pending, progress.update)
     elif workers > 1:
         run_workers(work, [pending[rank::workers] for rank in range(workers)], progress.update, gpus_per_worker)
-    return [_saved_shard(directory, shard) for shard in shards]
+    for shard in pending:
+        saved[shard] = _saved_shard(directory, shard)
+        if saved[shard] is None:
+            raise WorkerError(f"the work on prompts {shard.start}-{shard.stop - 1} did not give one result per row")
+    return [saved[shard] for shard in shards]
 
 
 PER_ROW = "per_row"  # a shard result's lists of one value per row, by name
@@ -379,8 +394,8 @@ def _saved_shard(directory: Path, shard: Shard) -> dict | None:
         intact = False
     if intact:
         return result
-    warn(f"{path} is damaged (unreadable, or not one result per row of prompts {shard.start}-{shard.stop - 1}); "
-         "doing that shard again")  # fmt: skip
+    warn(f"{path} is damaged or from an older sppo (unreadable, or not one result per row of prompts "
+         f"{shard.start}-{shard.stop - 1}); doing that shard again")  # fmt: skip
     path.unlink()
     return None
 

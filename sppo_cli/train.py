@@ -294,7 +294,7 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
             return read_manifest(run.output), True
         # beside the output, not in its partial (which the training processes rename into place): removed at the end,
         # or by the next run after a kill -9; torchrun's own temporary directories land there too
-        exchange = run.output.with_name(run.output.name + LAUNCH_SUFFIX)
+        exchange = run.output.resolve().with_name(run.output.name + LAUNCH_SUFFIX)
         shutil.rmtree(exchange, ignore_errors=True)
         exchange.mkdir()
         cleanup.callback(shutil.rmtree, exchange, ignore_errors=True)

@@ -259,7 +259,7 @@ def test_recipes_set_defaults_with_the_flags_names_and_flags_override(capsys, tm
     assert code == 1 and "unknown option(s) for `sppo rank`: rankr" in err
     recipe.write_text("rank:\n  shard_size: many\n")
     code, err = run_cli(capsys, "rank", "--config", recipe, "--generations", generations, "--output", tmp_path / "r2")
-    assert code == 2 and "Invalid value for '--shard-size'" in err  # type-checked like a flag
+    assert code == 1 and f"{recipe}: `rank: shard_size:` must be an integer, got 'many'" in err  # names the recipe
 
 
 def sppo(*args, cwd=REPO) -> subprocess.CompletedProcess:
@@ -346,7 +346,12 @@ def test_a_recipe_s_values_are_checked_against_the_settings_types_naming_the_rec
         (tmp_path / "r.yaml").write_text(text)
         code, err = run_cli(capsys, "generate", *common, tmp_path / "r.yaml")
         assert_clean_failure(code, err, f"{tmp_path / 'r.yaml'}: {message}", tmp_path / "g")
+    (tmp_path / "r.yaml").write_text("generate:\n  temperature: 7e-1\n")  # YAML's string "7e-1" is a number
+    code, err = run_cli(capsys, "generate", *common, tmp_path / "r.yaml", "-k", "2", "--max-new-tokens", "2",
+                        "--backend", "transformers")  # fmt: skip
+    assert code == 0, err
     (tmp_path / "r.yaml").write_text("generate:\n")  # an empty section sets nothing
+    common[5] = tmp_path / "g2"
     code, err = run_cli(capsys, "generate", *common, tmp_path / "r.yaml", "-k", "2", "--max-new-tokens", "2",
                         "--backend", "transformers")  # fmt: skip
     assert code == 0, err
@@ -370,3 +375,15 @@ def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_run_resumes(tmp_path, tin
     assert err.strip().splitlines()[-1].endswith(f"sppo: stopped by {signal.Signals(signum).name}; run the same "
                                                  "command again to resume")  # fmt: skip
     assert list((tmp_path / "g.partial").glob("shards/0*.json"))  # the finished shards are kept
+
+
+def test_a_full_disk_is_named_as_such_whatever_the_library_calls_it(tmp_path, monkeypatch):
+    import errno
+    import shutil as shutil_module
+
+    from sppo_cli.cli import _full_disk
+
+    assert _full_disk(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "sppo.log") == str(tmp_path)
+    assert _full_disk(RuntimeError("unexpected pos"), tmp_path / "sppo.log") is None  # there is room: a bug
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**9, 10**9, 1000))
+    assert _full_disk(RuntimeError(". unexpected pos"), tmp_path / "sppo.log") == str(tmp_path)  # torch's words

@@ -128,6 +128,8 @@ def test_a_response_keeps_its_end_of_sequence_token_and_says_why_it_ended(tiny_m
     sampling = replace(sampling, max_new_tokens=len(stopped) + 2)
     assert backend._response([*stopped, pad, pad], sampling) == ("a", stopped, "stop")  # a stop string ended it
     assert backend._response([*stopped, 40, 41], sampling)[2] == "stop"  # ... at the very last token
+    backend.end_of_sequence.add(pad)  # a tokenizer whose padding is its end of sequence: padding is not sampled
+    assert backend._response([*stopped, pad, pad], sampling) == ("a", stopped, "stop")
 
 
 def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, tiny_model):
@@ -220,8 +222,8 @@ def test_a_damaged_shard_is_done_again_with_a_warning_never_shifting_the_rows(tm
     manifest, done = generate(str(tiny_model), str(seven_file), tmp_path / "gens", CONFIG)
     assert not done and load_stage(tmp_path / "gens")[0].to_list() == data.to_list()
     err = capsys.readouterr().err
-    assert "000001.json is damaged (unreadable, or not one result per row of prompts 2-3); doing that shard " \
-        "again" in err  # fmt: skip
+    assert "000001.json is damaged or from an older sppo (unreadable, or not one result per row of prompts 2-3); " \
+        "doing that shard again" in err  # fmt: skip
     assert "000002.json is damaged" in err and "000000.json" not in err
 
 

@@ -89,6 +89,18 @@ def test_a_long_conversation_loses_its_beginning_never_the_response(tiny_reward_
     assert rewards[0] != rewards[1] and reward_model.stats() == {"truncated_conversations": 2}
 
 
+def test_the_reward_model_s_limit_is_its_context_window_or_reward_max_length(tiny_reward_model):
+    from sppo_cli.config import RankConfig
+    from sppo_cli.rankers import load_ranker
+
+    context = RewardModelRanker(str(tiny_reward_model)).model.config.max_position_embeddings
+    assert RewardModelRanker(str(tiny_reward_model)).max_length == context  # not a fixed 4096
+    ranker = load_ranker(RankConfig(ranker=f"reward-model:{tiny_reward_model}", reward_max_length=24))
+    assert ranker.max_length == 24
+    with pytest.raises(SppoError, match=f"--reward-max-length {context + 1} is longer than the context window"):
+        RewardModelRanker(str(tiny_reward_model), max_length=context + 1)
+
+
 def test_reward_model_probabilities_are_sigmoid_of_reward_differences(tmp_path, tiny_reward_model):
     generations = Dataset.from_list(
         [{"prompt": "Name a fruit.", "prompt_text": "", "responses": ["an apple", "a pear", "no idea at all"]}]

@@ -2,6 +2,7 @@
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -125,3 +126,36 @@ def test_stop_strings_min_new_tokens_and_penalties_on_vllm(tmp_path, tiny_model)
     assert all(word not in r for rs in stopped["responses"] for r in rs)  # the stop string is left out
     long, _ = sample(str(tiny_model), data, replace(VLLM, min_new_tokens=8), tmp_path / "c")
     assert all(n == 8 for row in long["response_tokens"] for n in row)
+
+
+def test_sampled_token_ids_and_finish_reasons_on_vllm(tmp_path, tiny_model, tokenizer):
+    data = prompts("What is two plus three?", "Name a fruit that is red.")
+    generations, stats = sample(str(tiny_model), data, replace(VLLM, max_new_tokens=6), tmp_path / "a")
+    for responses, ids, reasons in zip(generations["responses"], generations["response_token_ids"],
+                                       generations["finish_reasons"]):  # fmt: skip
+        assert responses == [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+        assert reasons == ["length" if len(i) == 6 and i[-1] != tokenizer.eos_token_id else "stop" for i in ids]
+    assert stats["truncated_samples"] == sum(r.count("length") for r in generations["finish_reasons"]) > 0
+
+
+def test_a_killed_vllm_generation_leaves_no_engine_process(tmp_path, tiny_model, prompts_file):
+    """vLLM's engine processes are not tied to their parent: the watcher sppo starts kills them with it."""
+    import time
+
+    from test_kill import killed
+
+    from sppo_cli.parallel import _descendants
+
+    def vllm_processes() -> set[int]:  # vLLM processes, but this module's own shared engine's
+        ours = {pid for pid, _ in _descendants(os.getpid())}
+        return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) not in ours
+                and b"VLLM" in (p / "cmdline").read_bytes() + (p / "comm").read_bytes()}  # fmt: skip
+
+    before = vllm_processes()
+    killed(["generate", "--model", tiny_model, "--prompts", prompts_file, "--output", tmp_path / "g", "-k", "2",
+            "--max-new-tokens", "4", "--backend", "vllm", "--dtype", "float32", "--max-model-len", "128",
+            "--shard-size", "1"], "sppo_cli.logs:ProgressBar.update:2:before")  # fmt: skip
+    deadline = time.time() + 10
+    while vllm_processes() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not vllm_processes() - before

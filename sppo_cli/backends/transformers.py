@@ -69,11 +69,12 @@ class TransformersBackend:
         and why it ended."""
         length = next((i for i, token in enumerate(new_tokens) if token in self.ends), len(new_tokens))
         ended = length < len(new_tokens)  # padding or an end-of-sequence token follows
-        if ended and new_tokens[length] in self.end_of_sequence:
-            length += 1  # the end-of-sequence token was sampled
+        text = self.tokenizer.decode(new_tokens[:length], skip_special_tokens=True)
+        by_stop_string = any(string in text for string in sampling.stop)
+        if ended and not by_stop_string and new_tokens[length] in self.end_of_sequence:
+            length += 1  # the end-of-sequence token was sampled (after a stop string, it is padding)
         ids = new_tokens[:length]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        stopped = ended or any(string in text for string in sampling.stop)
+        stopped = ended or by_stop_string
         return _cut(text, sampling.stop).strip(), ids, STOPPED if stopped else TRUNCATED
 
 

@@ -48,9 +48,14 @@ def _log_hint() -> str:
 def _full_disk(error: Exception, log) -> str | None:
     """The directory whose disk is full, when that is what the error comes from (libraries report it in their own
     words: torch's "unexpected pos" while saving an optimizer, for one)."""
-    where = log.parent if log is not None else Path.cwd()
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(where).free < 2**24:
-        return str(where)
+    cause, errors = error, []
+    while cause is not None:  # the error and what it was raised from
+        errors.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in errors):
+        return getattr(errors[-1], "filename", None) or (str(log.parent) if log else "the output")
+    if log is not None and shutil.disk_usage(log.parent).free < 2**24 and "unexpected pos" in str(error):
+        return str(log.parent)
     return None
 
 

@@ -55,11 +55,19 @@ def _is_a(kind: Any, value: Any) -> bool:
         return value in get_args(kind)
     if get_origin(kind) is list:
         return isinstance(value, list) and all(isinstance(item, str) for item in value)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float:  # YAML reads 5e-7 (no dot) as a string
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool) and _is_number(value)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return value is None if kind is type(None) else isinstance(value, kind)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return True
+    except ValueError:
+        return False
 
 
 def _describe(kind: Any) -> str:
