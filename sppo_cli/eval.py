@@ -38,8 +38,8 @@ from sppo_cli.logs import ProgressBar
 from sppo_cli.metrics import length_controlled_win_rate, mean_interval, wilson_interval
 from sppo_cli.models import resolve_model
 from sppo_cli.rank import judge
-from sppo_cli.rankers import load_ranker, preference_matrix, ranker_source
-from sppo_cli.rankers.rule_math import check_references, is_correct
+from sppo_cli.rankers import check_inputs, load_ranker, preference_matrix, ranker_source
+from sppo_cli.rankers.rule_math import is_correct
 from sppo_cli.stage import PER_ROW, SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
 from sppo_cli.tracking import log_metrics
 
@@ -182,8 +182,7 @@ def evaluate(model: str, baseline: str, prompts: str | None, output: str | Path,
     model_side = read_responses(model, config)
     baseline_side = read_responses(baseline, config)
     data = eval_prompts(model_side, baseline_side, prompts, config)
-    if config.ranker == "rule:math":
-        check_references(data, config.answer_column)
+    check_inputs(config, data)
     inputs = {"model": model, "baseline": baseline, "prompts": prompts, "ranker": ranker_source(config.ranker)}
     kinds = {"prompts": "dataset", "model": "model" if model_side is None else "dataset",
              "baseline": "model" if baseline_side is None else "dataset"}  # fmt: skip

@@ -22,10 +22,9 @@ from sppo_cli.config import GenerateConfig, SamplingOptions
 from sppo_cli.data import (
     CONVERSATION,
     FINISH_REASONS,
+    PER_RESPONSE,
     PROMPT_TEXT,
     PROMPT_TOKEN_IDS,
-    RESPONSE_TOKEN_IDS,
-    RESPONSE_TOKENS,
     RESPONSES,
     SAMPLED_VOCABULARY,
     TRUNCATED,
@@ -61,8 +60,7 @@ def sample_shard(backend: Backend, sampling: SamplingOptions, texts: list[str], 
             "max_model_len": backend.max_model_len}  # fmt: skip
 
 
-_COMPLETION = {RESPONSES: "responses", RESPONSE_TOKENS: "token_counts", RESPONSE_TOKEN_IDS: "token_ids",
-               FINISH_REASONS: "finish_reasons"}  # fmt: skip
+_COMPLETION = dict(zip(PER_RESPONSE, ("responses", "token_counts", "token_ids", "finish_reasons")))  # Completion's
 
 
 @contextlib.contextmanager

@@ -43,8 +43,7 @@ from sppo_cli.data import (
 )
 from sppo_cli.errors import SppoError
 from sppo_cli.logs import ProgressBar
-from sppo_cli.rankers import Judgement, Ranker, load_ranker, preference_matrix, ranker_source, win_rates
-from sppo_cli.rankers.rule_math import check_references
+from sppo_cli.rankers import Judgement, Ranker, check_inputs, load_ranker, preference_matrix, ranker_source, win_rates
 from sppo_cli.stage import PER_ROW, SHARDS, Shard, StageRun, run_shards, run_stage, save_dataset
 
 JUDGE_BATCH = 64  # prompts handed to the ranker at once
@@ -159,8 +158,7 @@ def rank(generations: str, output: str | Path, config: RankConfig, overwrite: bo
     """Run the stage: returns the manifest and whether `output` was already this run's finished result."""
     data, sampled = load_stage(generations, "generate")
     data = validate_generations(data, generations)
-    if config.ranker == "rule:math":
-        check_references(data, config.answer_column)
+    check_inputs(config, data)
     inputs = {"generations": generations, "ranker": ranker_source(config.ranker)}
     run = StageRun("rank", output, config, inputs, overwrite, input_types={"generations": "dataset"})
 

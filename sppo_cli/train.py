@@ -238,14 +238,13 @@ def loss_summary(history: list[dict]) -> dict:
     """The mean training loss over all steps and the last logged one, from the logged losses (each the mean over
     the steps since the one before), so that a resumed run reports the same numbers as an uninterrupted one; and the
     last logged progress metrics."""
-    logged = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    logged = [entry for entry in history if "loss" in entry]
     if not logged:
         return {"train_loss": None, "final_loss": None, "final_progress": None}
-    steps = [step - previous for (step, _), previous in zip(logged, [0] + [s for s, _ in logged[:-1]])]
-    mean = sum(loss * n for (_, loss), n in zip(logged, steps)) / sum(steps)
-    last = [entry for entry in history if "loss" in entry][-1]
-    progress = {name: last[name] for name in PROGRESS_METRICS if name in last} or None
-    return {"train_loss": mean, "final_loss": logged[-1][1], "final_progress": progress}
+    steps = [entry["step"] - previous for entry, previous in zip(logged, [0] + [e["step"] for e in logged[:-1]])]
+    mean = sum(entry["loss"] * n for entry, n in zip(logged, steps)) / sum(steps)
+    progress = {name: logged[-1][name] for name in PROGRESS_METRICS if name in logged[-1]} or None
+    return {"train_loss": mean, "final_loss": logged[-1]["loss"], "final_progress": progress}
 
 
 class _Progress(TrainerCallback):

@@ -137,10 +137,10 @@ def tokenize_row(tokenizer: PreTrainedTokenizerBase, max_length: int | None, max
     """trl's token columns for one ranking row.
 
     A row with the token ids that were sampled (what `sppo rank` passes on from `sppo generate`) is trained on exactly
-    those: the prompt's, and each response's up to its end-of-sequence token, or without one where --max-new-tokens
-    cut it off. Otherwise (rankings in the published format) the text is tokenized: the `prompt_text` the responses
-    were sampled from when the row has it, else the prompt turns rendered by the template, and each response ends the
-    way the template closes an assistant turn.
+    those: the prompt's, and each response's up to its end-of-sequence token, or up to its stop string's tokens, or
+    without either where --max-new-tokens cut it off. Otherwise (rankings in the published format) the text is
+    tokenized: the `prompt_text` the responses were sampled from when the row has it, else the prompt turns rendered
+    by the template, and each response ends the way the template closes an assistant turn.
     """
     if row.get(CHOSEN_TOKEN_IDS) is not None:
         prompt_ids, chosen_ids, rejected_ids = row[PROMPT_TOKEN_IDS], row[CHOSEN_TOKEN_IDS], row[REJECTED_TOKEN_IDS]
@@ -250,9 +250,10 @@ class SPPOTrainer(DPOTrainer):
         def mean(tensor: torch.Tensor) -> float:
             return self.accelerator.gather_for_metrics(tensor.detach()).float().mean().item()
 
-        # per row: gather_for_metrics keeps as many values as the last batch has rows
-        toward_target = ((chosen_logratios * targets[0] > 0).float()
-                         + (rejected_logratios * targets[1] > 0).float()) / 2  # fmt: skip
+        # per row (gather_for_metrics keeps as many values as the last batch has rows), over the targets that are not
+        # 0 (a win rate of exactly 1/2 has no direction)
+        toward = (chosen_logratios * targets[0] > 0).float() + (rejected_logratios * targets[1] > 0).float()
+        toward_target = toward / ((targets[0] != 0).float() + (targets[1] != 0).float()).clamp(min=1)
         chosen_rewards, rejected_rewards = self.beta * chosen_logratios, self.beta * rejected_logratios
         metrics = self._metrics[mode]
         metrics["rewards/chosen"].append(mean(chosen_rewards))

@@ -7,7 +7,6 @@ import shutil
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 import typer
 

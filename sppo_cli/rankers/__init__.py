@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+from datasets import Dataset
 
-from sppo_cli.config import RankerOptions
+from sppo_cli.config import RankerOptions, ranker_kind
 from sppo_cli.errors import SppoError
 
 Judgement = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
@@ -72,6 +73,14 @@ def ranker_source(spec: str) -> str | None:
     except SppoError:
         kind = "reward model" if spec.startswith("reward-model:") else "PairRM checkpoint"
         raise SppoError(f"{kind} not found: there is no directory {checkpoint}") from None
+
+
+def check_inputs(options: RankerOptions, data: Dataset) -> None:
+    """What the ranker needs from the data, checked before any work: rule:math's reference answers."""
+    if ranker_kind(options.ranker) == "rule:math":
+        from sppo_cli.rankers.rule_math import check_references
+
+        check_references(data, options.answer_column)
 
 
 def load_ranker(options: RankerOptions) -> Ranker:

@@ -13,6 +13,7 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
+from datasets import Dataset
 
 from sppo_cli.data import PROMPT, RESPONSES
 from sppo_cli.errors import SppoError
@@ -372,13 +373,17 @@ def reference_answer(answer: Any, prompt: Any, column: str) -> str:
     return str(answer)
 
 
-def check_references(data, column: str) -> None:
+def check_references(data: Dataset, column: str) -> None:
     """Before any work: every prompt of `data` has a reference answer in `column`."""
-    if column not in data.column_names:
-        raise SppoError(f"rule:math needs the reference answer column {column!r} (the data has: "
-                        f"{', '.join(data.column_names)}); choose it with --answer-column")  # fmt: skip
+    _require_answer_column(column, data.column_names)
     for answer, prompt in zip(data[column], data[PROMPT]):
         reference_answer(answer, prompt, column)
+
+
+def _require_answer_column(column: str, columns: list[str]) -> None:
+    if column not in columns:
+        raise SppoError(f"rule:math needs the reference answer column {column!r} (the data has: {', '.join(columns)}); "
+                        "choose it with --answer-column")  # fmt: skip
 
 
 class MathRuleRanker:
@@ -390,11 +395,7 @@ class MathRuleRanker:
         self.judged = 0
 
     def judge(self, batch: dict[str, list]) -> list[np.ndarray]:
-        if self.answer_column not in batch:
-            raise SppoError(
-                f"rule:math needs the reference answer column {self.answer_column!r} in the generations "
-                f"(it has: {', '.join(batch)}); choose it with --answer-column"
-            )
+        _require_answer_column(self.answer_column, list(batch))
         judgements = []
         for prompt, responses, answer in zip(batch[PROMPT], batch[RESPONSES], batch[self.answer_column]):
             reference = reference_answer(answer, prompt, self.answer_column)
