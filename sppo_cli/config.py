@@ -142,7 +142,23 @@ class EngineOptions(Settings):
 class WorkOptions(Settings):
     shard_size: int = setting(1000, "Prompts per shard: each finished shard is saved, and a re-run resumes after it.",
                               identity=False, at_least=1)  # fmt: skip
-    data_parallel_size: int = setting(1, "Worker processes, one per GPU (group).", identity=False, at_least=1)
+    data_parallel_size: int = setting(1, "Worker processes, one per GPU (group); with --ray-address, Ray actors.",
+                                      identity=False, at_least=1)  # fmt: skip
+    ray_address: str | None = setting(None, "Run the workers on this Ray cluster (`auto`: the one this machine is "
+                                      "part of); --output must be on storage every node sees.", identity=False)
+    num_shards: int | None = setting(None, "Run one slice of the work (with --shard-index), e.g. one Slurm array task "
+                                     "per node; the same command without them merges the slices.", identity=False,
+                                     at_least=1)  # fmt: skip
+    shard_index: int | None = setting(None, "Which slice, from 0 to --num-shards - 1.", identity=False, at_least=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.num_shards is None) != (self.shard_index is None):
+            raise SettingError("shard_index", "and --num-shards go together")
+        if self.num_shards is not None and self.shard_index >= self.num_shards:
+            raise SettingError("shard_index", f"must be below --num-shards ({self.num_shards}), got {self.shard_index}")
+        if self.num_shards is not None and self.ray_address:
+            raise SettingError("num_shards", "and --ray-address are two ways to spread the work: choose one")
 
 
 @dataclass(frozen=True)
@@ -240,6 +256,8 @@ class EvalConfig(TrackingOptions, GenerateConfig, RankerOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.num_shards is not None:  # judging needs both sides' every response: one run does it, or Ray
+            raise SettingError("num_shards", "is for generate and rank; spread an evaluation with --ray-address")
         for tracker in self.report_to.split(","):
             if tracker.strip() not in EVAL_TRACKERS:
                 raise SettingError("report_to", f"names {tracker!r}: evaluations log to {', '.join(EVAL_TRACKERS)}")

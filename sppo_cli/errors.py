@@ -15,3 +15,7 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (libraries often add pages of context), or its type's name."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+class SliceDone(Exception):
+    """Not an error: one slice of a run (--num-shards, --shard-index) is done; the command without them finishes it."""

@@ -135,8 +135,7 @@ def compare(model_side: Dataset, baseline_side: Dataset, config: EvalConfig, dir
              for row in evaluated for mine, theirs in zip(row[RESPONSES], row[BASELINE_RESPONSES])]  # fmt: skip
     comparisons = Dataset.from_list(pairs)
     with ProgressBar("judge", len(comparisons), unit="pair") as bar:
-        shards = run_shards(directory, len(comparisons), config.shard_size, functools.partial(_judge, config,
-                            comparisons), bar, config.data_parallel_size)  # fmt: skip
+        shards = run_shards(directory, len(comparisons), functools.partial(_judge, config, comparisons), bar, config)
     probabilities = iter(p for shard in shards for p in shard[PER_ROW]["p"])
     judgements = [[next(probabilities) for _ in row] for row in evaluated[RESPONSES]]
     return evaluated.add_column(JUDGEMENTS, judgements)

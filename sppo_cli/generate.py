@@ -89,8 +89,7 @@ def sample(model: str, prompts: Dataset, config: GenerateConfig, directory: Path
     open_worker = functools.partial(_sampler, model, config, texts, prompt_ids)
     started = time.perf_counter()
     with ProgressBar(description, len(texts)) as bar:
-        results = run_shards(directory, len(texts), config.shard_size, open_worker, bar, config.data_parallel_size,
-                             config.tensor_parallel_size)  # fmt: skip
+        results = run_shards(directory, len(texts), open_worker, bar, config, config.tensor_parallel_size)
     seconds = time.perf_counter() - started
     # by row, as sampled (in an earlier run or this one)
     columns = {column: [row for result in results for row in result[PER_ROW][column]] for column in (PROMPT_TEXT,

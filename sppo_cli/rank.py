@@ -120,8 +120,7 @@ def _judge(config: RankConfig, generations: Dataset) -> Iterator[Callable[[Shard
 def rank_all(generations: Dataset, config: RankConfig, directory: Path) -> tuple[Dataset, dict]:
     """Rank every prompt, a shard at a time (shards already in `directory` are reused)."""
     with ProgressBar("rank", len(generations)) as bar:
-        results = run_shards(directory, len(generations), config.shard_size, functools.partial(_judge, config,
-                             generations), bar, config.data_parallel_size)  # fmt: skip
+        results = run_shards(directory, len(generations), functools.partial(_judge, config, generations), bar, config)
     # The shards hold only what ranking computed; every column of the generations is kept as it is.
     rows = {index: row for index, row in enumerate(row for result in results for row in result[PER_ROW]["row"])
             if row is not None}  # fmt: skip

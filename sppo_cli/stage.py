@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,9 +34,9 @@ from typing import Any
 from datasets import Dataset
 
 from sppo_cli import __version__
-from sppo_cli.config import Settings
+from sppo_cli.config import Settings, WorkOptions
 from sppo_cli.data import MANIFEST, PARTIAL_SUFFIX, read_manifest
-from sppo_cli.errors import SppoError
+from sppo_cli.errors import SliceDone, SppoError
 from sppo_cli.identity import differences, fingerprint
 from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log, warn
 from sppo_cli.parallel import WorkerError, run_workers
@@ -137,8 +137,9 @@ class StageRun:
         another process finished this very run meanwhile (nothing is left to do).
 
         With `lock`, hold the partial output's lock until `close()`: another process writing it is refused."""
+        slice_run = getattr(self.settings, "num_shards", None) is not None
         if lock:
-            self._acquire_lock()
+            self._acquire_lock(wait=slice_run)
         else:
             self.partial.mkdir(parents=True, exist_ok=True)
         try:
@@ -146,10 +147,13 @@ class StageRun:
                 self._drop_empty_partial()
                 self.close()
                 return None
-            return self._resume_or_start()
+            partial = self._resume_or_start()
         except BaseException:
             self.close()
             raise
+        if slice_run:  # the slices of a run set it up one at a time, then work side by side (run_shards)
+            self.close()
+        return partial
 
     def _resume_or_start(self) -> Path:
         run_file = self.partial / RUN_FILE
@@ -167,9 +171,9 @@ class StageRun:
         write_json(run_file, self.identity)
         return self.partial
 
-    def _acquire_lock(self) -> None:
-        """Lock `<output>.partial`, created if need be; a partial that another process renamed into place meanwhile is
-        not the one to lock: look again."""
+    def _acquire_lock(self, wait: bool = False) -> None:
+        """Lock `<output>.partial`, created if need be (`wait`: for as long as another process holds it); a partial
+        that another process renamed into place meanwhile is not the one to lock: look again."""
         while True:
             self.partial.mkdir(parents=True, exist_ok=True)
             try:
@@ -177,7 +181,7 @@ class StageRun:
             except FileNotFoundError:
                 continue
             try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self._lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 self.close()
                 raise SppoError(f"{self.partial} is being written by another sppo process; wait for it to finish, or "
@@ -305,7 +309,7 @@ def _absolute_if_local(source: str) -> str:
 def run_stage(run: StageRun, work: Callable[[Path], dict], verbose: bool = False) -> tuple[dict, bool]:
     """Run `work(partial_directory) -> manifest stats` unless this very run is finished already.
 
-    Returns the manifest and whether the output was already there."""
+    Returns the manifest and whether the output was already there; raises SliceDone when the run was one slice."""
     manifest = run.finished()
     if manifest is not None:
         return manifest, True
@@ -315,11 +319,19 @@ def run_stage(run: StageRun, work: Callable[[Path], dict], verbose: bool = False
             return run.finished(), True
         with stage_log(partial / LOG_NAME, verbose):
             run.log_start()
-            manifest = run.completed() or run.write_manifest(**work(partial))
-            run.finish()
-            run.log_finish(manifest)
+            try:
+                manifest = run.completed() or run.write_manifest(**work(partial))
+            except SliceDone as done:
+                logger.info("%s", done)
+                slice_done = done
+            else:
+                slice_done = None
+                run.finish()
+                run.log_finish(manifest)
     finally:
         run.close()
+    if slice_done:
+        raise slice_done
     return manifest, False
 
 
@@ -340,18 +352,21 @@ class Shard:
 ShardWorker = Callable[[], AbstractContextManager[Callable[[Shard], dict]]]
 
 
-def run_shards(directory: Path, rows: int, shard_size: int, open_worker: ShardWorker, progress: ProgressBar,
-               data_parallel_size: int = 1, gpus_per_worker: int = 1) -> list[dict]:  # fmt: skip
-    """Process every row, `shard_size` at a time, and return the shards' results in row order.
+def run_shards(directory: Path, rows: int, open_worker: ShardWorker, progress: ProgressBar, work: WorkOptions,
+               gpus_per_worker: int = 1) -> list[dict]:  # fmt: skip
+    """Process every row, `work.shard_size` at a time, and return the shards' results in row order.
 
     `open_worker()` loads what the work needs (a model) and yields a function that processes one shard into a
     JSON-serialisable dict whose `PER_ROW` entry holds lists of one value per row. Shards already saved in `directory`
-    are not processed again, unless damaged (unreadable, or not one value per row: redone, with a warning); the others
-    are, on `data_parallel_size` worker processes (each taking every data_parallel_size-th pending shard) or in this
-    process. A resumed run keeps the shard size of the run it resumes.
+    are not processed again, unless damaged (unreadable, or not one value per row: redone, with a warning). The others
+    are processed here, on `work.data_parallel_size` worker processes (each taking every data_parallel_size-th pending
+    shard), or on as many Ray actors (`work.ray_address`, taking shards as they free up). With `work.num_shards`, this
+    process does only its slice, every num_shards-th shard, and raises SliceDone. A resumed run keeps the shard size of
+    the run it resumes.
     """
     directory.mkdir(parents=True, exist_ok=True)
     layout = directory / LAYOUT
+    shard_size = work.shard_size
     if layout.exists():
         shard_size = json.loads(layout.read_text())["shard_size"]
     else:
@@ -359,19 +374,63 @@ def run_shards(directory: Path, rows: int, shard_size: int, open_worker: ShardWo
     shards = [Shard(i, start, min(start + shard_size, rows)) for i, start in enumerate(range(0, rows, shard_size))]
     saved = {shard: _saved_shard(directory, shard) for shard in shards}
     pending = [shard for shard in shards if saved[shard] is None]
-    logger.info("%d shards of up to %d rows, %d to do", len(shards), shard_size, len(pending))
-    progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
-    workers = min(data_parallel_size, len(pending))
-    work = functools.partial(_process_shards, open_worker, directory)
-    if workers == 1:
-        work(pending, progress.update)
-    elif workers > 1:
-        run_workers(work, [pending[rank::workers] for rank in range(workers)], progress.update, gpus_per_worker)
+    with contextlib.ExitStack() as held:
+        if work.num_shards is not None:
+            held.enter_context(_slice_lock(directory, work.shard_index))
+            pending = [shard for shard in pending if shard.index % work.num_shards == work.shard_index]
+        else:
+            _refuse_running_slices(directory)
+        logger.info("%d shards of up to %d rows, %d to do here", len(shards), shard_size, len(pending))
+        progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
+        _process(directory, pending, open_worker, progress, work, gpus_per_worker)
+    if work.num_shards is not None:
+        raise SliceDone(f"slice {work.shard_index} of {work.num_shards} done ({len(pending)} shards); run the same "
+                        "command without --num-shards and --shard-index once every slice is done, to merge them")
     for shard in pending:
         saved[shard] = _saved_shard(directory, shard)
         if saved[shard] is None:
             raise WorkerError(f"the work on prompts {shard.start}-{shard.stop - 1} did not give one result per row")
     return [saved[shard] for shard in shards]
+
+
+def _process(directory: Path, pending: list[Shard], open_worker: ShardWorker, progress: ProgressBar,
+             work: WorkOptions, gpus_per_worker: int) -> None:  # fmt: skip
+    if not pending:
+        return
+    if work.ray_address:
+        from sppo_cli.cluster import run_on_ray
+
+        run_on_ray(work.ray_address, directory, pending, open_worker, progress.update, work.data_parallel_size,
+                   gpus_per_worker)  # fmt: skip
+        return
+    workers = min(work.data_parallel_size, len(pending))
+    process = functools.partial(process_shards, open_worker, directory)
+    if workers == 1:
+        process(pending, progress.update)
+    else:
+        run_workers(process, [pending[rank::workers] for rank in range(workers)], progress.update, gpus_per_worker)
+
+
+@contextlib.contextmanager
+def _slice_lock(directory: Path, index: int) -> Iterator[None]:
+    """Held while a slice works, so that the merging run can tell it is still running."""
+    with open(directory / f"slice-{index}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SppoError(f"slice {index} of {directory.parent} is already running") from None
+        yield
+
+
+def _refuse_running_slices(directory: Path) -> None:
+    for path in sorted(directory.glob("slice-*.lock")):
+        with open(path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                index = path.stem.split("-")[1]
+                raise SppoError(f"slice {index} of {directory.parent} is still running: merge once every slice is "
+                                "done") from None  # fmt: skip
 
 
 PER_ROW = "per_row"  # a shard result's lists of one value per row, by name
@@ -400,9 +459,12 @@ def _saved_shard(directory: Path, shard: Shard) -> dict | None:
     return None
 
 
-def _process_shards(open_worker: ShardWorker, directory: Path, shards: list[Shard], report: Callable) -> None:
+def process_shards(open_worker: ShardWorker, directory: Path, shards: list[Shard], report: Callable) -> None:
     with open_worker() as process:
         for shard in shards:
-            result = process(shard)
-            write_json(_shard_path(directory, shard), {"start": shard.start, **result})
-            report(shard.size, result.get("num_tokens", 0))
+            save_shard(directory, shard, process(shard), report)
+
+
+def save_shard(directory: Path, shard: Shard, result: dict, report: Callable) -> None:
+    write_json(_shard_path(directory, shard), {"start": shard.start, **result})
+    report(shard.size, result.get("num_tokens", 0))

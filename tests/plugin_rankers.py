@@ -26,3 +26,11 @@ def noisy(prompts, responses):
     warnings.warn("noise as a warning")
     os.write(2, b"noise on file descriptor 2\n")
     return by_length(prompts, responses)
+
+
+def slow_by_length(prompts, responses):
+    """by_length, a second per batch: long enough for a test to kill the process judging it."""
+    import time
+
+    time.sleep(1.0)
+    return by_length(prompts, responses)

@@ -11,8 +11,8 @@ import traceback
 import typer
 
 from sppo_cli.cli import eval, generate, push, rank, report, tiny, train
-from sppo_cli.cli.options import failed
-from sppo_cli.errors import SettingError, SppoError, first_line
+from sppo_cli.cli.options import done, failed
+from sppo_cli.errors import SettingError, SliceDone, SppoError, first_line
 from sppo_cli.logs import quiet_libraries
 
 app = typer.Typer(
@@ -74,6 +74,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _stop)
     try:
         app()
+    except SliceDone as done_:
+        done(str(done_))
     except SppoError as error:
         failed("error:", f"{_user_message(error)}{_log_hint()}")
         sys.exit(1)

@@ -1,0 +1,150 @@
+"""Beyond one process: slices run as separate processes then merged, and a real two-node Ray cluster on this machine
+(a head and a worker started as separate processes, CPU only), including a worker node that dies mid-run. Each must
+give exactly the one-process output."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from sppo_cli.data import load_stage
+
+pytestmark = pytest.mark.slow
+
+SPPO = str(Path(sys.executable).with_name("sppo"))
+RAY = str(Path(sys.executable).with_name("ray"))
+FLAGS = ["-k", "2", "--max-new-tokens", "6", "--backend", "transformers", "--shard-size", "3"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    return write_jsonl(path, [{"prompt": f"Question {i}: name a fruit.", "answer": str(i)} for i in range(24)])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model, prompts) -> Path:
+    output = tmp_path_factory.mktemp("reference") / "gens"
+    sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS)
+    return output
+
+
+def sppo(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([SPPO, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def same_rows(output: Path, reference: Path) -> None:
+    assert load_stage(output)[0].to_list() == load_stage(reference)[0].to_list()
+
+
+def test_slices_run_side_by_side_then_merge_into_the_one_process_output(tmp_path, tiny_model, prompts, one_process):
+    output = tmp_path / "gens"
+    command = [SPPO, "generate", "--model", str(tiny_model), "--prompts", str(prompts), "--output", str(output), *FLAGS]
+    slices = [subprocess.Popen([*command, "--num-shards", "2", "--shard-index", str(i)], stderr=subprocess.PIPE,
+                               text=True) for i in range(2)]  # fmt: skip
+    errors = [process.communicate(timeout=600)[1] for process in slices]
+    assert [process.returncode for process in slices] == [0, 0], errors
+    assert "slice 0 of 2 done (4 shards); run the same command without --num-shards" in errors[0]
+    assert not output.exists() and len(list((tmp_path / "gens.partial" / "shards").glob("0*.json"))) == 8
+    merged = sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS)
+    assert f"✓ {output}: 24 prompts" in merged.stderr
+    same_rows(output, one_process)
+
+
+def test_merging_while_a_slice_runs_is_refused(tmp_path, tiny_model, prompts, one_process):
+    from sppo_cli.stage import _slice_lock
+
+    shards = tmp_path / "gens.partial" / "shards"
+    shards.mkdir(parents=True)
+    identity = json.loads((one_process / "manifest.json").read_text())["identity"]  # a slice's is the same
+    (tmp_path / "gens.partial" / "run.json").write_text(json.dumps(identity))
+    with _slice_lock(shards, 1):  # slice 1 is at work
+        command = [SPPO, "generate", "--model", str(tiny_model), "--prompts", str(prompts), "--output",
+                   str(tmp_path / "gens"), *FLAGS]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "slice 1 of" in result.stderr and "is still running" in result.stderr
+
+
+# ---- Ray ------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raylets() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and (p / "comm").exists() and (p / "comm").read_text().strip() == "raylet"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node and a worker node, one CPU each, as `ray start` makes them (with the tests' plug-in rankers
+    importable); yields the address and the worker's raylet process, whose death is the worker node's."""
+    pytest.importorskip("ray")
+    tests = str(Path(__file__).parent)
+    environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    port = free_port()
+    before = raylets()
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false"],
+                   env=environment, check=True, capture_output=True, timeout=120)  # fmt: skip
+    head = raylets() - before
+    subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1"], env=environment, check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    worker = raylets() - before - head
+    try:
+        yield f"127.0.0.1:{port}", worker.pop()
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=environment, capture_output=True, timeout=120)
+
+
+def test_generation_on_a_two_node_ray_cluster_gives_the_one_process_output(tmp_path, tiny_model, prompts,
+                                                                            one_process, ray_cluster):  # fmt: skip
+    address, _ = ray_cluster
+    output = tmp_path / "gens"
+    sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS, "--ray-address", address,
+         "--data-parallel-size", "2")  # fmt: skip
+    same_rows(output, one_process)
+    assert json.loads((output / "manifest.json").read_text())["parameters"]["ray_address"] == address
+
+
+def test_a_ray_run_whose_worker_node_dies_still_gives_the_one_process_output(tmp_path, one_process, ray_cluster):
+    """Ranking a second per shard on both nodes; the worker node dies while its replica judges a shard."""
+    address, worker_raylet = ray_cluster
+    rank = ["rank", "--generations", one_process, "--ranker", "python:plugin_rankers:slow_by_length",
+            "--shard-size", "3"]  # fmt: skip
+    sppo(*rank, "--output", tmp_path / "reference", cwd=Path(__file__).parent)
+    process = subprocess.Popen([SPPO, *map(str, rank), "--output", str(tmp_path / "ranks"), "--ray-address", address,
+                                "--data-parallel-size", "2"], stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).parent)  # fmt: skip
+    deadline = time.time() + 300
+    while not judging_on(worker_raylet) and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(worker_raylet, 9)  # the worker node dies with the shard its replica is judging
+    err = process.communicate(timeout=600)[1]
+    assert process.returncode == 0, err[-3000:]
+    same_rows(tmp_path / "ranks", tmp_path / "reference")
+    assert "died" in (tmp_path / "ranks" / "sppo.log").read_text()  # ... and its shard was done again
+
+
+def judging_on(raylet: int) -> bool:
+    """Whether a replica under this raylet is running a shard (Ray titles the process with the method it runs)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == raylet \
+                    and b"ShardActor.run" in (entry / "cmdline").read_bytes():  # fmt: skip
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
