@@ -6,6 +6,7 @@
 #                 [--generate-args "..."] [--rank-args "..."] [--train-args "..."]
 #                 [--eval-prompts E [--eval-args "..."] [--eval-command "CMD"]]
 #                 [--push-to-hub ORG/NAME [--hub-revision-per-iteration] [--public]]
+#                 [--num-nodes N --node-rank R --master-addr ADDRESS [--master-port PORT]]
 #
 # Layout: D/iter1/{generations,rankings,model}, D/iter2/..., one directory per iteration and stage.
 # --recipe passes a YAML recipe (recipes/*.yaml) to every stage; the other options override it.
@@ -19,16 +20,21 @@
 # --push-to-hub publishes each iteration as ORG/NAME-generations-iter{t}, ORG/NAME-rankings-iter{t} and the model
 # ORG/NAME-SPPO-Iter{t}, each model's card naming the one before as its base (or ORG/NAME-SPPO at revision iter{t}
 # with --hub-revision-per-iteration, each card naming --model as its base when that is a hub id).
+# --num-nodes: run the same command on each of N nodes, with its --node-rank (recipes/slurm/sppo.sbatch does): every
+# node generates and ranks a slice of the prompts (sppo's --num-shards/--shard-index), node 0 merges the slices and the
+# others wait for it, all N train together (torchrun through node 0, at --master-addr), and node 0 alone evaluates,
+# reports and publishes. --output-dir must be on storage every node sees.
 # Every stage is safe to re-run: a finished stage with the same settings and inputs says so and is skipped, an
 # interrupted one resumes, and one whose settings changed is refused (sppo's own rules, see the README). So re-running
 # the same command after a crash continues where it stopped.
 set -euo pipefail
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 2; }
 
 model="" prompts="" iterations="" output_dir="" recipe=() eval_prompts="" eval_command=""
 generate_args="" rank_args="" train_args="" eval_args="" hub="" per_revision="" public=()
+nodes=1 node_rank=0 master_addr="" master_port=29500
 while [[ $# -gt 0 ]]; do
   [[ $1 == --help || $1 == -h ]] && usage
   case $1 in
@@ -51,6 +57,10 @@ while [[ $# -gt 0 ]]; do
     --eval-args) eval_args+=" $2" ;;
     --eval-command) eval_command=$2 ;;
     --push-to-hub) hub=$2 ;;
+    --num-nodes) nodes=$2 ;;
+    --node-rank) node_rank=$2 ;;
+    --master-addr | --main-process-ip) master_addr=$2 ;;
+    --master-port | --main-process-port) master_port=$2 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
   shift 2
@@ -60,6 +70,15 @@ done
 [[ $iterations =~ ^[1-9][0-9]*$ ]] || die "--iter must be a positive integer, got '$iterations'"
 [[ -z $eval_command || -n $eval_prompts ]] || die "--eval-command goes with --eval-prompts"
 [[ -n $hub || (-z $per_revision && ${#public[@]} -eq 0) ]] || die "--hub-revision-per-iteration and --public go with --push-to-hub"
+[[ $nodes =~ ^[1-9][0-9]*$ && $node_rank =~ ^[0-9]+$ && $node_rank -lt $nodes ]] ||
+  die "--num-nodes must be a positive integer and --node-rank below it, got $nodes and $node_rank"
+[[ $nodes -eq 1 || -n $master_addr ]] || die "--num-nodes above 1 needs --master-addr, the address of node 0"
+slice=() lead=1  # several nodes: this node's slice of the prompts; node 0 leads (merges, evaluates, publishes)
+if ((nodes > 1)); then
+  slice=(--num-shards "$nodes" --shard-index "$node_rank")
+  train_args+=" --num-nodes $nodes --node-rank $node_rank --master-addr $master_addr --master-port $master_port"
+  ((node_rank == 0)) || lead=""
+fi
 export WANDB_RUN_GROUP=${WANDB_RUN_GROUP:-$(basename "$output_dir")}
 sppo=${SPPO:-sppo}
 command -v "$sppo" > /dev/null || die "'$sppo' not found: install the package (make install) or set SPPO"
@@ -68,6 +87,17 @@ stage() {  # stage NAME OUTPUT COMMAND...
   echo "== $1 -> $2"
   shift 2
   "$@"
+}
+
+sliced() {  # sliced NAME OUTPUT COMMAND...: on several nodes, this node's slice, then node 0 merges and the others wait
+  stage "$@" ${slice[@]+"${slice[@]}"}
+  ((nodes > 1)) || return 0
+  if [[ -n $lead ]]; then
+    stage "$@"
+  else
+    echo "== $1: waiting for node 0 to merge the slices into $2"
+    until [[ -f $2/manifest.json ]]; do sleep 5; done
+  fi
 }
 
 # shellcheck disable=SC2086 # the *_args options are word-split on purpose
@@ -105,7 +135,7 @@ user_eval() {  # user_eval ITERATION MODEL: run --eval-command once per iteratio
   printf '%s' "$done" > "$dir/done"
 }
 
-if [[ -n $eval_prompts ]]; then  # the base model against itself: exactly 1/2, and its responses, sampled once
+if [[ -n $eval_prompts && -n $lead ]]; then  # the base model against itself: exactly 1/2, and its responses, once
   sppo_eval "$output_dir/iter0/eval" "$model" "$model" iter0-eval --prompts "$eval_prompts"
 fi
 policy=$model
@@ -113,15 +143,16 @@ for ((t = 1; t <= iterations; t++)); do
   dir=$output_dir/iter$t
   echo "=== iteration $t/$iterations: policy $policy"
   # shellcheck disable=SC2086 # the *_args options are word-split on purpose
-  stage generate "$dir/generations" "$sppo" generate ${recipe[@]+"${recipe[@]}"} --model "$policy" \
+  sliced generate "$dir/generations" "$sppo" generate ${recipe[@]+"${recipe[@]}"} --model "$policy" \
     --prompts "${prompts//\{iter\}/$t}" --output "$dir/generations" $generate_args
   # shellcheck disable=SC2086
-  stage rank "$dir/rankings" "$sppo" rank ${recipe[@]+"${recipe[@]}"} --generations "$dir/generations" \
+  sliced rank "$dir/rankings" "$sppo" rank ${recipe[@]+"${recipe[@]}"} --generations "$dir/generations" \
     --output "$dir/rankings" $rank_args
   # shellcheck disable=SC2086
   stage train "$dir/model" "$sppo" train ${recipe[@]+"${recipe[@]}"} --model "$policy" --data "$dir/rankings" \
     --output "$dir/model" --run-name "iter$t-train" $train_args
   policy=$dir/model
+  [[ -n $lead ]] || continue  # evaluation, publishing and the report are node 0's
   evals=()
   if [[ -n $eval_prompts ]]; then
     sppo_eval "$dir/eval" "$policy" "$output_dir/iter0/eval" "iter$t-eval"

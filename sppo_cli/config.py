@@ -25,13 +25,13 @@ def setting(
     at_least: float | None = None,
     above: float | None = None,
     at_most: float | None = None,
-    short: str | None = None,
+    alias: str | None = None,
     file: bool = False,
 ) -> Any:
     """A settings field: its default, its help text, whether it is part of the identity, its valid range, and whether
     it names a file (whose content, not its name, is then part of the identity, as the run's inputs are)."""
     metadata = {"help": help, "identity": identity, "at_least": at_least, "above": above, "at_most": at_most,
-                "short": short, "file": file}  # fmt: skip
+                "alias": alias, "file": file}  # fmt: skip
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -98,7 +98,7 @@ class PromptOptions(TemplateOptions):
 
 @dataclass(frozen=True)
 class SamplingOptions(Settings):
-    num_samples: int = setting(5, "Responses per prompt (K).", at_least=1, short="-k")
+    num_samples: int = setting(5, "Responses per prompt (K).", at_least=1, alias="-k")
     temperature: float = setting(0.7, "Sampling temperature.", above=0)
     top_p: float = setting(0.9, "Nucleus sampling: keep the smallest set of tokens with this much probability.",
                            above=0, at_most=1)  # fmt: skip
@@ -252,7 +252,7 @@ class EvalConfig(TrackingOptions, GenerateConfig, RankerOptions):
     """`sppo eval`: the model's responses judged against a baseline's, on the same prompts."""
 
     num_samples: int = setting(1, "Responses per prompt from each side; the i-th of the model is judged against the "
-                               "i-th of the baseline.", at_least=1, short="-k")  # fmt: skip
+                               "i-th of the baseline.", at_least=1, alias="-k")  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -313,6 +313,14 @@ class TrainConfig(TrackingOptions, TemplateOptions):
     bf16: bool | None = setting(None, "bf16 mixed precision (default: on where the GPU supports it).")
     fp16: bool = setting(False, "fp16 mixed precision (GPUs without bf16).")
     num_processes: int = setting(1, "Processes (GPUs) on this node, launched with torchrun.", at_least=1)
+    num_nodes: int = setting(1, "Nodes training together; run the same command on each, with its --node-rank.",
+                             at_least=1)  # fmt: skip
+    node_rank: int = setting(0, "This node's rank, from 0 (the node that keeps the output) to --num-nodes - 1.",
+                             identity=False, at_least=0)  # fmt: skip
+    master_addr: str | None = setting(None, "Address of node 0, which every node reaches (multi-node).",
+                                      identity=False, alias="--main-process-ip")  # fmt: skip
+    master_port: int = setting(29500, "A free port on node 0 (multi-node).", identity=False, at_least=1, at_most=65535,
+                               alias="--main-process-port")  # fmt: skip
     deepspeed: str | None = setting(None, "DeepSpeed config, e.g. recipes/deepspeed/zero3.json.", file=True)
     seed: int = setting(42, "Random seed.", at_least=0, at_most=MAX_SEED)
     logging_steps: int = setting(1, "Log the loss and rewards every N steps.", identity=False, at_least=1)
@@ -325,6 +333,10 @@ class TrainConfig(TrackingOptions, TemplateOptions):
         super().__post_init__()
         if self.max_steps == 0:
             raise SettingError("max_steps", "must be -1 (the epochs decide) or at least 1, got 0")
+        if self.node_rank >= self.num_nodes:
+            raise SettingError("node_rank", f"must be below --num-nodes ({self.num_nodes}), got {self.node_rank}")
+        if self.num_nodes > 1 and not self.master_addr:
+            raise SettingError("master_addr", "is needed with --num-nodes above 1: the address of node 0")
         if self.load_in_4bit and not self.lora_r:
             raise SettingError("load_in_4bit", "trains a LoRA adapter: set lora_r too")
         if self.lr_scheduler_kwargs is not None:

@@ -379,7 +379,7 @@ def run_shards(directory: Path, rows: int, open_worker: ShardWorker, progress: P
             held.enter_context(_slice_lock(directory, work.shard_index))
             pending = [shard for shard in pending if shard.index % work.num_shards == work.shard_index]
         else:
-            _refuse_running_slices(directory)
+            _wait_for_running_slices(directory)
         logger.info("%d shards of up to %d rows, %d to do here", len(shards), shard_size, len(pending))
         progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
         _process(directory, pending, open_worker, progress, work, gpus_per_worker)
@@ -422,15 +422,15 @@ def _slice_lock(directory: Path, index: int) -> Iterator[None]:
         yield
 
 
-def _refuse_running_slices(directory: Path) -> None:
+def _wait_for_running_slices(directory: Path) -> None:
+    """The merging run starts on the shards once no slice is writing them; it does those of slices that never ran."""
     for path in sorted(directory.glob("slice-*.lock")):
         with open(path) as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                index = path.stem.split("-")[1]
-                raise SppoError(f"slice {index} of {directory.parent} is still running: merge once every slice is "
-                                "done") from None  # fmt: skip
+                warn(f"waiting for slice {path.stem.split('-')[1]} of {directory.parent} to finish")
+                fcntl.flock(lock, fcntl.LOCK_EX)
 
 
 PER_ROW = "per_row"  # a shard result's lists of one value per row, by name

@@ -55,7 +55,8 @@ from sppo_cli.trainer import SPPOConfig, SPPOTrainer
 # How the launching process and the training processes it starts talk: the job, rank 0's progress, each one's error.
 LAUNCH_SUFFIX, LAUNCH_FILE, STATUS_FILE, ERROR_FILE = ".launch", "launch.json", "status.json", "error-{rank}.json"
 _EXPLICIT = {"loss", "report_to", "lr_scheduler_kwargs", "chat_template", "lora_r", "lora_alpha", "lora_dropout",
-             "lora_target_modules", "load_in_4bit", "num_processes", "attn_implementation", "dtype"}  # fmt: skip
+             "lora_target_modules", "load_in_4bit", "num_processes", "attn_implementation", "dtype", "num_nodes",
+             "node_rank", "master_addr", "master_port"}  # fmt: skip
 
 
 def sppo_config(config: TrainConfig, output_dir: Path) -> SPPOConfig:
@@ -145,11 +146,14 @@ def under_sppo_launcher() -> bool:
 
 
 def resolved(config: TrainConfig) -> TrainConfig:
-    """The settings as they will run: bf16 decided for this machine, and the real number of processes when an
-    outside launcher (torchrun, accelerate) started this one."""
+    """The settings as they will run: bf16 decided for this machine, and the real numbers of processes per node and
+    of nodes when a launcher (sppo's torchrun, or the user's torchrun or accelerate) started this one."""
     bf16 = bf16_supported() if config.bf16 is None else config.bf16
-    processes = int(os.environ.get("WORLD_SIZE", config.num_processes)) if is_launched() else config.num_processes
-    return dataclasses.replace(config, bf16=bf16, num_processes=processes)
+    if not is_launched():
+        return dataclasses.replace(config, bf16=bf16)
+    world = int(os.environ.get("WORLD_SIZE", config.num_processes * config.num_nodes))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return dataclasses.replace(config, bf16=bf16, num_processes=per_node, num_nodes=world // per_node)
 
 
 def train(model: str, data: str, output: str | Path, config: TrainConfig, overwrite: bool = False,
@@ -162,7 +166,7 @@ def train(model: str, data: str, output: str | Path, config: TrainConfig, overwr
                    input_types={"data": "dataset"})  # fmt: skip
     run.scratch.append("checkpoint-*")
     run.work.append("checkpoint-*/trainer_state.json")
-    if not is_launched() and (config.num_processes > 1 or config.deepspeed):  # DeepSpeed always needs a launcher
+    if not is_launched() and (config.num_processes > 1 or config.num_nodes > 1 or config.deepspeed):  # DeepSpeed: too
         return _launch(run, model, data, config, verbose)
     manifest = run.finished()
     if manifest is not None:
@@ -282,26 +286,26 @@ class _Progress(TrainerCallback):
 
 
 def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: bool) -> tuple[dict, bool]:
-    """Run the training processes under torchrun on this node; show their progress; one line if they fail."""
+    """Run this node's training processes under torchrun; show their progress; one line if they fail. Node 0 holds
+    the stage (its lock and log); the global main process, there, finishes the output, which every node then reads."""
     manifest = run.finished()
     if manifest is not None:
         return manifest, True
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(run.close)
-        partial = run.open()
-        if partial is None:  # finished by another process meanwhile
+        if config.node_rank == 0 and run.open() is None:  # finished by another process meanwhile
             return read_manifest(run.output), True
         # beside the output, not in its partial (which the training processes rename into place): removed at the end,
         # or by the next run after a kill -9; torchrun's own temporary directories land there too
-        exchange = run.output.resolve().with_name(run.output.name + LAUNCH_SUFFIX)
+        exchange = run.output.resolve().with_name(f"{run.output.name}{LAUNCH_SUFFIX}{config.node_rank or ''}")
         shutil.rmtree(exchange, ignore_errors=True)
         exchange.mkdir()
         cleanup.callback(shutil.rmtree, exchange, ignore_errors=True)
-        with stage_log(partial / LOG_NAME, verbose):
+        with stage_log((run.partial if config.node_rank == 0 else exchange) / LOG_NAME, verbose):
             run.log_start()
             write_json(exchange / LAUNCH_FILE, {"model": model, "data": data, "output": str(run.output),
                                                 "config": config.record(), "overwrite": run.overwrite})  # fmt: skip
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            command = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(config),
                        f"--nproc_per_node={config.num_processes}", "-m", "sppo_cli.train",
                        str(exchange / LAUNCH_FILE)]  # fmt: skip
             threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.num_processes)))
@@ -319,6 +323,14 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
                 raise _failure(exchange, process.returncode)
     manifest = read_manifest(run.output)
     return manifest, False
+
+
+def _rendezvous(config: TrainConfig) -> list[str]:
+    """How torchrun's processes find each other: on this node alone, or across --num-nodes nodes through node 0."""
+    if config.num_nodes == 1:
+        return ["--standalone"]
+    return [f"--nnodes={config.num_nodes}", f"--node-rank={config.node_rank}", f"--master-addr={config.master_addr}",
+            f"--master-port={config.master_port}"]  # fmt: skip
 
 
 def _follow(process: subprocess.Popen, status: Path) -> None:

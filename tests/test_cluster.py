@@ -59,18 +59,23 @@ def test_slices_run_side_by_side_then_merge_into_the_one_process_output(tmp_path
     same_rows(output, one_process)
 
 
-def test_merging_while_a_slice_runs_is_refused(tmp_path, tiny_model, prompts, one_process):
+def test_merging_waits_for_a_running_slice_and_does_the_shards_of_slices_that_never_ran(tmp_path, tiny_model, prompts,
+                                                                                        one_process):  # fmt: skip
     from sppo_cli.stage import _slice_lock
 
     shards = tmp_path / "gens.partial" / "shards"
     shards.mkdir(parents=True)
     identity = json.loads((one_process / "manifest.json").read_text())["identity"]  # a slice's is the same
     (tmp_path / "gens.partial" / "run.json").write_text(json.dumps(identity))
+    command = [SPPO, "generate", "--model", str(tiny_model), "--prompts", str(prompts), "--output",
+               str(tmp_path / "gens"), *FLAGS]  # fmt: skip
     with _slice_lock(shards, 1):  # slice 1 is at work
-        command = [SPPO, "generate", "--model", str(tiny_model), "--prompts", str(prompts), "--output",
-                   str(tmp_path / "gens"), *FLAGS]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1 and "slice 1 of" in result.stderr and "is still running" in result.stderr
+        merging = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        time.sleep(15)
+        assert merging.poll() is None and not (tmp_path / "gens").exists()  # it waits
+    err = merging.communicate(timeout=600)[1]
+    assert merging.returncode == 0 and "waiting for slice 1 of" in err
+    same_rows(tmp_path / "gens", one_process)
 
 
 # ---- Ray ------------------------------------------------------------------------------------------------------------

@@ -215,3 +215,33 @@ def test_launched_training_honours_overwrite_and_verbose(tmp_path, tiny_model, r
     assert "[rank 0] INFO sppo: finished" in result.stderr  # the training processes reach the terminal too
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["parameters"]["learning_rate"] == 1e-4 and manifest["parameters"]["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_node_with_their_processes_together(tmp_path, tiny_model, rankings_dir):
+    """Two `sppo train` launchers on this machine, node ranks 0 and 1, one process each (CPU, gloo): the run equals
+    the single-process one with the two processes' batch, as the ZeRO-3 test finds for one node."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "sppo"), "train", "--model", str(tiny_model), "--data",
+               str(rankings_dir), "--output", str(tmp_path / "two-nodes"), "--per-device-train-batch-size", "1",
+               "--learning-rate", "1e-3", "--report-to", "none", "--no-gradient-checkpointing", "--warmup-steps", "0",
+               "--num-nodes", "2", "--main-process-ip", "127.0.0.1", "--main-process-port", str(port)]  # fmt: skip
+    nodes = [subprocess.Popen([*command, "--node-rank", str(rank)], stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]  # fmt: skip
+    errors = [node.communicate(timeout=900)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors
+    train(str(tiny_model), str(rankings_dir), tmp_path / "plain", config(per_device_train_batch_size=2, warmup_steps=0))
+    two, plain = history(tmp_path / "two-nodes"), history(tmp_path / "plain")
+    losses = [[entry["loss"] for entry in run if "loss" in entry] for run in (two, plain)]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    manifest = json.loads((tmp_path / "two-nodes" / "manifest.json").read_text())
+    assert (manifest["parameters"]["num_nodes"], manifest["parameters"]["num_processes"]) == (2, 1)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "two-nodes")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    for (name, p), (_, q) in zip(trained.named_parameters(), expected.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)  # the all-reduce's rounding
+    assert not list(tmp_path.glob("two-nodes.launch*"))  # the launchers' exchange directories are gone

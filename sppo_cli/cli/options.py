@@ -106,8 +106,8 @@ def option(spec: dataclasses.Field) -> inspect.Parameter:
     """The `--field-name` option of a settings field."""
     flag = "--" + spec.name.replace("_", "-")
     names = [f"{flag}/--no-{flag[2:]}"] if spec.type in (bool, bool | None) else [flag]
-    if spec.metadata.get("short"):
-        names.append(spec.metadata["short"])
+    if spec.metadata.get("alias"):
+        names.append(spec.metadata["alias"])
     default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
     help = f"{spec.metadata['help']} (recipe: {spec.name})"
     return parameter(spec.name, Annotated[spec.type, typer.Option(*names, help=help)], default)
