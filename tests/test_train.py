@@ -354,7 +354,7 @@ def test_a_resumed_generation_keeps_the_prompt_text_its_finished_shards_were_sam
     monkeypatch.setattr(gen, "sample_shard", sample_then_crash)
     with pytest.raises(KeyboardInterrupt):
         gen.generate(str(clock_model), str(prompts), tmp_path / "gens", config)
-    first = json.loads((tmp_path / "gens.partial" / "shards" / "000000.json").read_text())["prompt_text"]
+    first = json.loads((tmp_path / "gens.partial" / "shards" / "000000.json").read_text())["per_row"]["prompt_text"]
     monkeypatch.setattr(gen, "sample_shard", real)
     gen.generate(str(clock_model), str(prompts), tmp_path / "gens", config)
     from sppo_cli.data import load_stage

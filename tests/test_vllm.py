@@ -54,8 +54,8 @@ def test_seeded_samples_do_not_depend_on_shards_workers_or_batch_size(tmp_path, 
     assert parallel["responses"] == one_shard["responses"] == first["responses"]
     other, _ = sample(str(tiny_model), SEVEN, replace(VLLM, seed=8), tmp_path / "d")
     assert all(a != b for a, b in zip(other["responses"], first["responses"]))
-    # vLLM schedules its own batches: --batch-size is not part of the identity of a vLLM run
-    assert "batch_size" not in VLLM.identity() and "batch_size" in CONFIG.identity()
+    # every sample has its own seed, on either backend: --batch-size is not part of a run's identity
+    assert "batch_size" not in VLLM.identity() and "batch_size" not in CONFIG.identity()
 
 
 def test_prompts_longer_than_max_model_len_are_skipped_and_counted(tmp_path, tiny_model):
@@ -133,7 +133,8 @@ def test_sampled_token_ids_and_finish_reasons_on_vllm(tmp_path, tiny_model, toke
     generations, stats = sample(str(tiny_model), data, replace(VLLM, max_new_tokens=6), tmp_path / "a")
     for responses, ids, reasons in zip(generations["responses"], generations["response_token_ids"],
                                        generations["finish_reasons"]):  # fmt: skip
-        assert responses == [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+        # vLLM's text leaves out the bytes of a character its last tokens did not finish
+        assert all(tokenizer.decode(i, skip_special_tokens=True).strip().startswith(r) for r, i in zip(responses, ids))
         assert reasons == ["length" if len(i) == 6 and i[-1] != tokenizer.eos_token_id else "stop" for i in ids]
     assert stats["truncated_samples"] == sum(r.count("length") for r in generations["finish_reasons"]) > 0
 
