@@ -40,7 +40,9 @@ def parse_args() -> argparse.Namespace:
 
 @contextlib.contextmanager
 def nothing():
-    yield lambda shard: {"per_row": {"row": [None] * shard.size}}
+    from sppo_cli.stage import PER_ROW
+
+    yield lambda shard: {PER_ROW: {"row": [None] * shard.size}}
 
 
 def main() -> None:

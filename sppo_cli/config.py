@@ -329,6 +329,12 @@ class TrainConfig(TrackingOptions, TemplateOptions):
     save_total_limit: int | None = setting(1, "Checkpoints kept.", identity=False, at_least=1)
     dataloader_num_workers: int = setting(0, "Processes loading batches.", identity=False, at_least=0)
 
+    def identity(self) -> dict:
+        settings = super().identity()
+        if self.num_nodes == 1:  # as runs were made before the option: they stay finished
+            del settings["num_nodes"]
+        return settings
+
     def __post_init__(self):
         super().__post_init__()
         if self.max_steps == 0:

@@ -74,7 +74,7 @@ def check_engine(config: GenerateConfig) -> GenerateConfig:
     """Resolve `auto` to the backend that will run, and check the GPUs asked for are there."""
     config = replace(config, backend=resolve_backend(config.backend))
     gpus, wanted = gpu_count(), config.data_parallel_size * config.tensor_parallel_size
-    if gpus and wanted > gpus:
+    if gpus and wanted > gpus and not config.ray_address:  # on Ray, the cluster's GPUs count, not this machine's
         raise SppoError(f"{config.data_parallel_size} data-parallel replicas of {config.tensor_parallel_size} GPU(s) "
                         f"need {wanted} GPUs; {gpus} are visible")  # fmt: skip
     return config

@@ -22,6 +22,7 @@ from sppo_cli.config import PushConfig
 from sppo_cli.data import MANIFEST, load_stage, read_manifest
 from sppo_cli.errors import SppoError, first_line
 from sppo_cli.logs import LOG_NAME, logger
+from sppo_cli.stage import LOCK_FILE
 
 CARD = "README.md"
 MODEL_STAGES = {"train", "tiny-model", "tiny-math-model", "tiny-pairrm", "tiny-reward-model"}
@@ -59,7 +60,7 @@ def _stage_model(directory: Path, folder: Path, card: str, include_adapter: bool
         except OSError:  # another file system
             shutil.copy2(source, target)
 
-    ignored = shutil.ignore_patterns(CARD, LOG_NAME, *([] if include_adapter else ["adapter"]))
+    ignored = shutil.ignore_patterns(CARD, LOG_NAME, LOCK_FILE, *([] if include_adapter else ["adapter"]))
     shutil.copytree(directory, folder, copy_function=link, ignore=ignored)
     (folder / CARD).write_text(card)
 

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +42,8 @@ from sppo_cli.logs import LOG_NAME, ProgressBar, logger, stage_log, warn
 from sppo_cli.parallel import WorkerError, run_workers
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".sppo.lock"  # a file, not the directory: a directory cannot be opened for writing, which NFS locks need
+SLICE_LOCK, SLICE_LOCKS = "slice-{index}.lock", "slice-*.lock"
 REPLACED_SUFFIX = ".replaced"
 REPLACED_MARK = ".replaced-by-sppo"  # in an output that a new one is replacing
 SHARDS = "shards"
@@ -79,11 +81,12 @@ class StageRun:
             "settings": settings.identity(),
             "inputs": {name: fingerprint(source, types.get(name, "model")) for name, source in self.inputs.items()},
         }
-        self.scratch = [SHARDS, RUN_FILE]  # what only resuming needs: removed when the run finishes
+        self.scratch = [SHARDS, RUN_FILE, SLICE_LOCKS]  # what only resuming needs: removed when the run finishes
         self.work = [f"{SHARDS}/**/[0-9]*.json"]  # what an interrupted run has finished: never deleted silently
         # wall-clock start; training processes launched by `sppo train` count from their launcher's start
         self.started = float(os.environ.get("SPPO_STAGE_STARTED", time.time()))
         self._lock: int | None = None
+        self._slice_lock: int | None = None
 
     # ---- before any work -------------------------------------------------------------------------------------------
 
@@ -136,10 +139,12 @@ class StageRun:
         """Create `<output>.partial`, or resume it if an interrupted run with the same identity left it; None when
         another process finished this very run meanwhile (nothing is left to do).
 
-        With `lock`, hold the partial output's lock until `close()`: another process writing it is refused."""
-        slice_run = getattr(self.settings, "num_shards", None) is not None
+        With `lock`, hold the partial output's lock until `close()`: another process writing it is refused. The slices
+        of a run (--num-shards) set it up one at a time, then each holds the lock of its own slice only, and a run
+        that is not a slice (the merge) waits for running slices before it touches the partial."""
+        slice_index = self.settings.shard_index if getattr(self.settings, "num_shards", None) is not None else None
         if lock:
-            self._acquire_lock(wait=slice_run)
+            self._acquire_lock(wait=slice_index is not None)
         else:
             self.partial.mkdir(parents=True, exist_ok=True)
         try:
@@ -147,12 +152,18 @@ class StageRun:
                 self._drop_empty_partial()
                 self.close()
                 return None
+            if lock and slice_index is None:
+                self._wait_for_running_slices()
             partial = self._resume_or_start()
+            if slice_index is not None:
+                self._slice_lock = _lock_file(partial / SLICE_LOCK.format(index=slice_index))
+                if self._slice_lock is None:
+                    raise SppoError(f"slice {slice_index} of {self.output} is already running")
+                os.close(self._lock)
+                self._lock = None
         except BaseException:
             self.close()
             raise
-        if slice_run:  # the slices of a run set it up one at a time, then work side by side (run_shards)
-            self.close()
         return partial
 
     def _resume_or_start(self) -> Path:
@@ -165,45 +176,53 @@ class StageRun:
             raise SppoError(f"{self.partial} holds the finished part of an interrupted run made "
                             f"{self._how_made(previous)}; re-run with those to resume it, or pass --overwrite to "
                             "discard it")  # fmt: skip
-        for entry in self.partial.iterdir():  # nothing worth keeping, but the log of the earlier attempt
-            if entry.name != LOG_NAME:
+        for entry in self.partial.iterdir():  # nothing worth keeping, but the log of the earlier attempt (and locks)
+            if entry.name != LOG_NAME and not _is_lock(entry):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         write_json(run_file, self.identity)
         return self.partial
 
     def _acquire_lock(self, wait: bool = False) -> None:
-        """Lock `<output>.partial`, created if need be (`wait`: for as long as another process holds it); a partial
-        that another process renamed into place meanwhile is not the one to lock: look again."""
+        """Lock `<output>.partial`, created if need be (`wait`: for as long as another process holds it; also when
+        that is a slice setting up); a partial that another process renamed into place meanwhile is not the one to
+        lock: look again."""
         while True:
             self.partial.mkdir(parents=True, exist_ok=True)
             try:
-                self._lock = os.open(self.partial, os.O_RDONLY)
+                self._lock = _lock_file(self.partial / LOCK_FILE, wait or any(self.partial.glob(SLICE_LOCKS)))
             except FileNotFoundError:
                 continue
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                self.close()
+            if self._lock is None:
                 raise SppoError(f"{self.partial} is being written by another sppo process; wait for it to finish, or "
-                                "stop it, before running this again") from None  # fmt: skip
+                                "stop it, before running this again")  # fmt: skip
             try:
-                if os.path.samestat(os.fstat(self._lock), os.stat(self.partial)):
+                if os.path.samestat(os.fstat(self._lock), os.stat(self.partial / LOCK_FILE)):
                     return
             except FileNotFoundError:
                 pass
             self.close()
 
+    def _wait_for_running_slices(self) -> None:
+        """The merging run starts once no slice is writing the partial; it does the shards of slices that never ran."""
+        for path in sorted(self.partial.glob(SLICE_LOCKS)):
+            held = _lock_file(path)
+            if held is None:
+                warn(f"waiting for {path.stem.replace('-', ' ')} of {self.output} to finish")
+                held = _lock_file(path, wait=True)
+            os.close(held)
+
     def _drop_empty_partial(self) -> None:
         """Remove the `<output>.partial` this process created to lock, if it holds nothing (but a log)."""
         with contextlib.suppress(FileNotFoundError):
-            if all(entry.name == LOG_NAME for entry in self.partial.iterdir()):
+            if all(entry.name == LOG_NAME or _is_lock(entry) for entry in self.partial.iterdir()):
                 shutil.rmtree(self.partial, ignore_errors=True)
 
     def close(self) -> None:
-        """Release the partial output's lock."""
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        """Release the partial output's lock, or its slice's."""
+        for held in (self._lock, self._slice_lock):
+            if held is not None:
+                os.close(held)
+        self._lock = self._slice_lock = None
 
     def _manifest_identity(self) -> dict | None:
         path = self.partial / MANIFEST
@@ -263,6 +282,7 @@ class StageRun:
                 os.replace(self.output, self.replaced)
                 os.replace(self.partial, self.output)
             shutil.rmtree(self.replaced, ignore_errors=True)
+        (self.output / LOCK_FILE).unlink(missing_ok=True)  # held still: a waiting process looks again, finds it done
         self.close()
 
     @property
@@ -277,6 +297,21 @@ class StageRun:
     @staticmethod
     def log_finish(manifest: dict) -> None:
         logger.info("finished: %s", {k: v for k, v in manifest.items() if k not in ("parameters", "identity")})
+
+
+def _lock_file(path: Path, wait: bool = False) -> int | None:
+    """An exclusive lock on `path` (created if need be), as an open descriptor; None if another process holds it."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
+def _is_lock(path: Path) -> bool:
+    return path.name == LOCK_FILE or path.match(SLICE_LOCKS)
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -372,17 +407,13 @@ def run_shards(directory: Path, rows: int, open_worker: ShardWorker, progress: P
     else:
         write_json(layout, {"shard_size": shard_size, "rows": rows})
     shards = [Shard(i, start, min(start + shard_size, rows)) for i, start in enumerate(range(0, rows, shard_size))]
+    if work.num_shards is not None:  # this slice's shards (StageRun.open holds the slice's lock)
+        shards = [shard for shard in shards if shard.index % work.num_shards == work.shard_index]
     saved = {shard: _saved_shard(directory, shard) for shard in shards}
     pending = [shard for shard in shards if saved[shard] is None]
-    with contextlib.ExitStack() as held:
-        if work.num_shards is not None:
-            held.enter_context(_slice_lock(directory, work.shard_index))
-            pending = [shard for shard in pending if shard.index % work.num_shards == work.shard_index]
-        else:
-            _wait_for_running_slices(directory)
-        logger.info("%d shards of up to %d rows, %d to do here", len(shards), shard_size, len(pending))
-        progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
-        _process(directory, pending, open_worker, progress, work, gpus_per_worker)
+    logger.info("%d shards of up to %d rows, %d to do here", len(shards), shard_size, len(pending))
+    progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
+    _process(directory, pending, open_worker, progress, work, gpus_per_worker)
     if work.num_shards is not None:
         raise SliceDone(f"slice {work.shard_index} of {work.num_shards} done ({len(pending)} shards); run the same "
                         "command without --num-shards and --shard-index once every slice is done, to merge them")
@@ -409,28 +440,6 @@ def _process(directory: Path, pending: list[Shard], open_worker: ShardWorker, pr
         process(pending, progress.update)
     else:
         run_workers(process, [pending[rank::workers] for rank in range(workers)], progress.update, gpus_per_worker)
-
-
-@contextlib.contextmanager
-def _slice_lock(directory: Path, index: int) -> Iterator[None]:
-    """Held while a slice works, so that the merging run can tell it is still running."""
-    with open(directory / f"slice-{index}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SppoError(f"slice {index} of {directory.parent} is already running") from None
-        yield
-
-
-def _wait_for_running_slices(directory: Path) -> None:
-    """The merging run starts on the shards once no slice is writing them; it does those of slices that never ran."""
-    for path in sorted(directory.glob("slice-*.lock")):
-        with open(path) as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                warn(f"waiting for slice {path.stem.split('-')[1]} of {directory.parent} to finish")
-                fcntl.flock(lock, fcntl.LOCK_EX)
 
 
 PER_ROW = "per_row"  # a shard result's lists of one value per row, by name
@@ -462,9 +471,10 @@ def _saved_shard(directory: Path, shard: Shard) -> dict | None:
 def process_shards(open_worker: ShardWorker, directory: Path, shards: list[Shard], report: Callable) -> None:
     with open_worker() as process:
         for shard in shards:
-            save_shard(directory, shard, process(shard), report)
+            report(*save_shard(directory, shard, process(shard)))
 
 
-def save_shard(directory: Path, shard: Shard, result: dict, report: Callable) -> None:
+def save_shard(directory: Path, shard: Shard, result: dict) -> tuple[int, int]:
+    """Save a finished shard's result; its rows and tokens, for the progress bar."""
     write_json(_shard_path(directory, shard), {"start": shard.start, **result})
-    report(shard.size, result.get("num_tokens", 0))
+    return shard.size, result.get("num_tokens", 0)

@@ -295,12 +295,11 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
         cleanup.callback(run.close)
         if config.node_rank == 0 and run.open() is None:  # finished by another process meanwhile
             return read_manifest(run.output), True
-        # beside the output, not in its partial (which the training processes rename into place): removed at the end,
-        # or by the next run after a kill -9; torchrun's own temporary directories land there too
+        # beside the output, not in its partial (which the training processes rename into place): removed once the run
+        # succeeds, or by the next run; torchrun's own temporary directories land there too
         exchange = run.output.resolve().with_name(f"{run.output.name}{LAUNCH_SUFFIX}{config.node_rank or ''}")
         shutil.rmtree(exchange, ignore_errors=True)
         exchange.mkdir()
-        cleanup.callback(shutil.rmtree, exchange, ignore_errors=True)
         with stage_log((run.partial if config.node_rank == 0 else exchange) / LOG_NAME, verbose):
             run.log_start()
             write_json(exchange / LAUNCH_FILE, {"model": model, "data": data, "output": str(run.output),
@@ -319,8 +318,9 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
                 if process.poll() is None:  # interrupted: no training process outlives the command
                     process.terminate()
                     process.wait()
-            if process.returncode != 0:
+            if process.returncode != 0:  # the exchange directory stays: node > 0 keeps its log there
                 raise _failure(exchange, process.returncode)
+        shutil.rmtree(exchange, ignore_errors=True)
     manifest = read_manifest(run.output)
     return manifest, False
 

@@ -31,7 +31,7 @@ def assert_nothing_finished(path: Path):
     assert not path.exists()
     partial = path.with_name(path.name + ".partial")
     if partial.exists():
-        assert {p.name for p in partial.iterdir()} <= {"run.json", "sppo.log", "shards"}
+        assert {p.name for p in partial.iterdir()} <= {"run.json", "sppo.log", "shards", ".sppo.lock"}
         assert not list(partial.glob("shards/[0-9]*"))
 
 

@@ -61,18 +61,18 @@ def test_slices_run_side_by_side_then_merge_into_the_one_process_output(tmp_path
 
 def test_merging_waits_for_a_running_slice_and_does_the_shards_of_slices_that_never_ran(tmp_path, tiny_model, prompts,
                                                                                         one_process):  # fmt: skip
-    from sppo_cli.stage import _slice_lock
+    from sppo_cli.stage import _lock_file
 
-    shards = tmp_path / "gens.partial" / "shards"
-    shards.mkdir(parents=True)
+    (tmp_path / "gens.partial").mkdir()
     identity = json.loads((one_process / "manifest.json").read_text())["identity"]  # a slice's is the same
     (tmp_path / "gens.partial" / "run.json").write_text(json.dumps(identity))
     command = [SPPO, "generate", "--model", str(tiny_model), "--prompts", str(prompts), "--output",
                str(tmp_path / "gens"), *FLAGS]  # fmt: skip
-    with _slice_lock(shards, 1):  # slice 1 is at work
-        merging = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        time.sleep(15)
-        assert merging.poll() is None and not (tmp_path / "gens").exists()  # it waits
+    held = _lock_file(tmp_path / "gens.partial" / "slice-1.lock")  # slice 1 is at work
+    merging = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    assert merging.poll() is None and not (tmp_path / "gens").exists()  # it waits
+    os.close(held)
     err = merging.communicate(timeout=600)[1]
     assert merging.returncode == 0 and "waiting for slice 1 of" in err
     same_rows(tmp_path / "gens", one_process)

@@ -258,7 +258,7 @@ def test_a_run_whose_engine_cannot_start_leaves_nothing_to_mistake_for_output(tm
         generate(str(tiny_model), str(seven_file), tmp_path / "gens", CONFIG)
     partial = tmp_path / "gens.partial"
     assert not (tmp_path / "gens").exists()
-    assert sorted(p.name for p in partial.iterdir()) == ["run.json", "shards", "sppo.log"]
+    assert sorted(p.name for p in partial.iterdir()) == [".sppo.lock", "run.json", "shards", "sppo.log"]
     assert not list((partial / "shards").glob("[0-9]*"))  # no finished shard
     assert "vLLM cannot load model: out of memory" in (partial / "sppo.log").read_text()  # with its traceback
     assert "Traceback" in (partial / "sppo.log").read_text()
@@ -272,10 +272,12 @@ def test_manifest_records_every_setting_and_the_identity_leaves_out_how_it_ran(t
         "repetition_penalty": 1.0, "presence_penalty": 0.0, "seed": 7,
         "backend": "transformers", "dtype": "auto", "batch_size": 2, "max_model_len": None,
         "gpu_memory_utilization": 0.9, "tensor_parallel_size": 1, "shard_size": 2, "data_parallel_size": 1,
+        "ray_address": None, "num_shards": None, "shard_index": None,
     }  # fmt: skip
     identity = manifest["identity"]
-    assert set(manifest["parameters"]) - set(identity["settings"]) == {"gpu_memory_utilization", "data_parallel_size",
-                                                                       "batch_size", "shard_size"}  # fmt: skip
+    assert set(manifest["parameters"]) - set(identity["settings"]) == {
+        "gpu_memory_utilization", "data_parallel_size", "batch_size", "shard_size", "ray_address", "num_shards",
+        "shard_index"}  # fmt: skip
     assert identity["inputs"]["model"].startswith("sha256:") and identity["inputs"]["prompts"].startswith("sha256:")
     assert manifest["rows"] == 7 and manifest["generated_tokens"] > 0
     assert json.loads((tmp_path / "gens" / "manifest.json").read_text()) == manifest

@@ -196,15 +196,15 @@ def test_a_partial_renamed_into_place_while_this_run_locks_it_is_not_the_one_loc
     real_open, opened = os.open, []
 
     def open_after_the_rename(path, flags, *args):  # the first run renames its partial into place just then
-        if not opened and Path(path) == tmp_path / "out.partial":
+        if not opened and Path(path) == tmp_path / "out.partial" / ".sppo.lock":
             opened.append(path)
-            os.replace(path, out)
+            os.replace(tmp_path / "out.partial", out)
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(stage.os, "open", open_after_the_rename)
     second = StageRun("tiny-model", out, TinyConfig(seed=2), {}, overwrite=True)
     assert second.open() == tmp_path / "out.partial" and opened  # it locked the partial, not the output
-    assert os.path.samestat(os.fstat(second._lock), os.stat(tmp_path / "out.partial"))
+    assert os.path.samestat(os.fstat(second._lock), os.stat(tmp_path / "out.partial" / ".sppo.lock"))
     second.close()
 
 
