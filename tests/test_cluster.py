@@ -35,8 +35,8 @@ def one_process(tmp_path_factory, tiny_model, prompts) -> Path:
     return output
 
 
-def sppo(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([SPPO, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+def sppo(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([SPPO, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -69,12 +69,17 @@ def test_merging_waits_for_a_running_slice_and_does_the_shards_of_slices_that_ne
     command = [SPPO, "generate", "--model", str(tiny_model), "--prompts", str(prompts), "--output",
                str(tmp_path / "gens"), *FLAGS]  # fmt: skip
     held = _lock_file(tmp_path / "gens.partial" / "slice-1.lock")  # slice 1 is at work
-    merging = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
-    assert merging.poll() is None and not (tmp_path / "gens").exists()  # it waits
-    os.close(held)
-    err = merging.communicate(timeout=600)[1]
-    assert merging.returncode == 0 and "waiting for slice 1 of" in err
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        merging = subprocess.Popen(command, stderr=stderr, text=True)
+        deadline = time.time() + 120
+        while "waiting for slice 1 of" not in err.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        assert merging.poll() is None and not (tmp_path / "gens").exists()  # it waits
+        os.close(held)
+        merging.wait(timeout=600)
+    assert merging.returncode == 0 and "waiting for slice 1 of" in err.read_text()
     same_rows(tmp_path / "gens", one_process)
 
 
@@ -93,12 +98,14 @@ def raylets() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     """A head node and a worker node, one CPU each, as `ray start` makes them (with the tests' plug-in rankers
     importable); yields the address and the worker's raylet process, whose death is the worker node's."""
     pytest.importorskip("ray")
     tests = str(Path(__file__).parent)
-    environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    # a HOME of its own: Ray keeps an auth token in ~/.ray, which an earlier local `ray.init` may have left there and
+    # which then keeps a worker node from joining
+    environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path_factory.mktemp("ray-home")),
                    "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}  # fmt: skip
     port = free_port()
     before = raylets()
@@ -109,30 +116,30 @@ def ray_cluster():
                    capture_output=True, timeout=120)  # fmt: skip
     worker = raylets() - before - head
     try:
-        yield f"127.0.0.1:{port}", worker.pop()
+        yield f"127.0.0.1:{port}", worker.pop(), environment
     finally:
         subprocess.run([RAY, "stop", "--force"], env=environment, capture_output=True, timeout=120)
 
 
 def test_generation_on_a_two_node_ray_cluster_gives_the_one_process_output(tmp_path, tiny_model, prompts,
                                                                             one_process, ray_cluster):  # fmt: skip
-    address, _ = ray_cluster
+    address, _, environment = ray_cluster
     output = tmp_path / "gens"
     sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS, "--ray-address", address,
-         "--data-parallel-size", "2")  # fmt: skip
+         "--data-parallel-size", "2", env=environment)  # fmt: skip
     same_rows(output, one_process)
     assert json.loads((output / "manifest.json").read_text())["parameters"]["ray_address"] == address
 
 
 def test_a_ray_run_whose_worker_node_dies_still_gives_the_one_process_output(tmp_path, one_process, ray_cluster):
     """Ranking a second per shard on both nodes; the worker node dies while its replica judges a shard."""
-    address, worker_raylet = ray_cluster
+    address, worker_raylet, environment = ray_cluster
     rank = ["rank", "--generations", one_process, "--ranker", "python:plugin_rankers:slow_by_length",
             "--shard-size", "3"]  # fmt: skip
     sppo(*rank, "--output", tmp_path / "reference", cwd=Path(__file__).parent)
     process = subprocess.Popen([SPPO, *map(str, rank), "--output", str(tmp_path / "ranks"), "--ray-address", address,
                                 "--data-parallel-size", "2"], stderr=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).parent)  # fmt: skip
+                               cwd=Path(__file__).parent, env=environment)  # fmt: skip
     deadline = time.time() + 300
     while not judging_on(worker_raylet) and time.time() < deadline:
         time.sleep(0.1)

@@ -2,7 +2,6 @@
 
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -137,26 +136,3 @@ def test_sampled_token_ids_and_finish_reasons_on_vllm(tmp_path, tiny_model, toke
         assert all(tokenizer.decode(i, skip_special_tokens=True).strip().startswith(r) for r, i in zip(responses, ids))
         assert reasons == ["length" if len(i) == 6 and i[-1] != tokenizer.eos_token_id else "stop" for i in ids]
     assert stats["truncated_samples"] == sum(r.count("length") for r in generations["finish_reasons"]) > 0
-
-
-def test_a_killed_vllm_generation_leaves_no_engine_process(tmp_path, tiny_model, prompts_file):
-    """vLLM's engine processes are not tied to their parent: the watcher sppo starts kills them with it."""
-    import time
-
-    from test_kill import killed
-
-    from sppo_cli.parallel import _descendants
-
-    def vllm_processes() -> set[int]:  # vLLM processes, but this module's own shared engine's
-        ours = {pid for pid, _ in _descendants(os.getpid())}
-        return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) not in ours
-                and b"VLLM" in (p / "cmdline").read_bytes() + (p / "comm").read_bytes()}  # fmt: skip
-
-    before = vllm_processes()
-    killed(["generate", "--model", tiny_model, "--prompts", prompts_file, "--output", tmp_path / "g", "-k", "2",
-            "--max-new-tokens", "4", "--backend", "vllm", "--dtype", "float32", "--max-model-len", "128",
-            "--shard-size", "1"], "sppo_cli.logs:ProgressBar.update:2:before")  # fmt: skip
-    deadline = time.time() + 10
-    while vllm_processes() - before and time.time() < deadline:
-        time.sleep(0.5)
-    assert not vllm_processes() - before
