@@ -7,7 +7,6 @@ complete one. `sppo train --num-processes N` (or --deepspeed) launches itself un
 holds the stage, shows the progress and prints one line; the training processes write to the stage's log.
 """
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -291,8 +290,7 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
     manifest = run.finished()
     if manifest is not None:
         return manifest, True
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(run.close)
+    try:
         if config.node_rank == 0 and run.open() is None:  # finished by another process meanwhile
             return read_manifest(run.output), True
         # beside the output, not in its partial (which the training processes rename into place): removed once the run
@@ -321,6 +319,8 @@ def _launch(run: StageRun, model: str, data: str, config: TrainConfig, verbose: 
             if process.returncode != 0:  # the exchange directory stays: node > 0 keeps its log there
                 raise _failure(exchange, process.returncode)
         shutil.rmtree(exchange, ignore_errors=True)
+    finally:
+        run.close()
     manifest = read_manifest(run.output)
     return manifest, False
 
