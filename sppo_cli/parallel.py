@@ -5,6 +5,7 @@ back as files the work writes. A worker that fails ends the run with one line (i
 log, which the workers write to), and no worker outlives it.
 """
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -56,12 +57,16 @@ def reap_descendants_on_death() -> None:
             os.dup2(null, fd)
         os.closerange(3, max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1)
         known: set[tuple[int, str]] = set()
-        while os.getppid() == parent:
-            known = _descendants(parent) - _descendants(os.getpid()) - {(os.getpid(), _started(os.getpid()))}
+        while True:
+            seen = _descendants(parent) - _descendants(os.getpid()) - {(os.getpid(), _started(os.getpid()))}
+            if os.getppid() != parent:  # died during the look: its children were already handed on and `seen` may miss them
+                break
+            known = seen
             time.sleep(0.5)
         for pid, started in known:
             if _started(pid) == started:  # the same process, not a new one that reuses its number
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     except BaseException:  # noqa: BLE001 - the watcher must never print or return into the caller's code
         pass
     os._exit(0)
