@@ -188,6 +188,10 @@ class ProgressBar:
             self.bar.set_postfix(tokens_per_s=f"{self.tokens / elapsed:.0f}")
         logger.info("%s: %s/%s %ss done", self.description, self.bar.n, self.bar.total, self.unit)
 
+    def set_total(self, total: int) -> None:
+        self.bar.total = total
+        self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 

@@ -409,6 +409,7 @@ def run_shards(directory: Path, rows: int, open_worker: ShardWorker, progress: P
     shards = [Shard(i, start, min(start + shard_size, rows)) for i, start in enumerate(range(0, rows, shard_size))]
     if work.num_shards is not None:  # this slice's shards (StageRun.open holds the slice's lock)
         shards = [shard for shard in shards if shard.index % work.num_shards == work.shard_index]
+        progress.set_total(sum(shard.size for shard in shards))
     saved = {shard: _saved_shard(directory, shard) for shard in shards}
     pending = [shard for shard in shards if saved[shard] is None]
     logger.info("%d shards of up to %d rows, %d to do here", len(shards), shard_size, len(pending))

@@ -53,6 +53,7 @@ def test_slices_run_side_by_side_then_merge_into_the_one_process_output(tmp_path
     errors = [process.communicate(timeout=600)[1] for process in slices]
     assert [process.returncode for process in slices] == [0, 0], errors
     assert "slice 0 of 2 done (4 shards); run the same command without --num-shards" in errors[0]
+    assert all("| 12/12 [" in error for error in errors)  # each slice's bar counts its own 4 shards of 3 prompts
     assert not output.exists() and len(list((tmp_path / "gens.partial" / "shards").glob("0*.json"))) == 8
     merged = sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS)
     assert f"✓ {output}: 24 prompts" in merged.stderr
