@@ -96,7 +96,8 @@ sliced() {  # sliced NAME OUTPUT COMMAND...: on several nodes, this node's slice
     stage "$@"
   else
     echo "== $1: waiting for node 0 to merge the slices into $2"
-    until [[ -f $2/manifest.json ]]; do sleep 5; done
+    # merged: the partial output is gone (with --overwrite, an earlier run's $2 stays until the merge replaces it)
+    until [[ -f $2/manifest.json && ! -e $2.partial ]]; do sleep 5; done
   fi
 }
 

@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,7 +143,8 @@ def test_each_iteration_is_published_as_the_community_names_them(tmp_path, per_r
 @pytest.mark.slow
 def test_two_nodes_run_the_loop_with_slices_merged_by_node_0_and_training_together(tmp_path, tiny_model, prompts_file):
     """pipeline.sh on two "nodes" (two processes, node ranks 0 and 1): each generates and ranks a slice, node 0
-    merges, both train together (the two-node training itself is compared with one node in test_train_scale)."""
+    merges, both train together (the two-node training itself is compared with one node in test_train_scale). Node 1
+    is done with its slice before node 0 starts, beside an earlier run's output that only node 0's merge replaces."""
     import socket
 
     from sppo_cli.data import load_stage
@@ -155,14 +158,37 @@ def test_two_nodes_run_the_loop_with_slices_merged_by_node_0_and_training_togeth
                       "train:\n  per_device_train_batch_size: 1\n  learning_rate: 1.0e-3\n  report_to: none\n"
                       "  gradient_checkpointing: false\n  warmup_steps: 0\n")  # fmt: skip
     env = {**os.environ, "SPPO": str(Path(sys.executable).parent / "sppo"), "PYTHONPATH": str(REPO / "tests")}
-    nodes = [subprocess.Popen([str(REPO / "pipeline.sh"), "--model", str(tiny_model), "--prompts", str(prompts_file),
-                               "--iter", "1", "--recipe", str(recipe), "--output-dir", str(tmp_path / "nodes"),
-                               "--num-nodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                               "--master-port", str(port)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=env, cwd=REPO) for rank in (0, 1)]  # fmt: skip
-    outputs = [node.communicate(timeout=900) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
-    assert "slice 1 of 2 done" in outputs[1][1] and "waiting for node 0 to merge" in outputs[1][0]
+    earlier = tmp_path / "nodes/iter1/generations"  # an earlier run's output, which node 1 must not take for the merge
+    earlier.mkdir(parents=True)
+    (earlier / "manifest.json").write_text(json.dumps({"stage": "generate", "complete": True}))
+
+    def node(rank: int) -> subprocess.Popen:
+        command = [str(REPO / "pipeline.sh"), "--model", str(tiny_model), "--prompts", str(prompts_file), "--iter", "1",
+                   "--recipe", str(recipe), "--output-dir", str(tmp_path / "nodes"), "--generate-args", "--overwrite",
+                   "--num-nodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port",
+                   str(port)]  # fmt: skip
+        with open(tmp_path / f"node{rank}.out", "w") as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                                    start_new_session=True)
+
+    nodes = [node(1)]  # node 1 is done with its slice before node 0 starts
+    deadline = time.time() + 300
+    while "waiting for node 0 to merge" not in (tmp_path / "node1.out").read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    nodes.insert(0, node(0))
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        codes = [process.poll() for process in nodes]
+        if None not in codes or any(codes):  # both done, or one failed (the other would wait for it at training)
+            break
+        time.sleep(1)
+    for process in nodes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the node's pipeline.sh and every stage it started
+            process.wait()
+    outputs = [(tmp_path / f"node{rank}.out").read_text() for rank in (0, 1)]
+    assert [process.returncode for process in nodes] == [0, 0], [output[-3000:] for output in outputs]
+    assert "slice 1 of 2 done" in outputs[1] and "waiting for node 0 to merge" in outputs[1]
     sppo = str(Path(sys.executable).parent / "sppo")
     subprocess.run([sppo, "generate", "--model", str(tiny_model), "--prompts", str(prompts_file), "--config",
                     str(recipe), "--output", str(tmp_path / "one")], check=True, capture_output=True)  # fmt: skip
