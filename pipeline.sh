@@ -89,15 +89,14 @@ stage() {  # stage NAME OUTPUT COMMAND...
   "$@"
 }
 
-sliced() {  # sliced NAME OUTPUT COMMAND...: on several nodes, this node's slice, then node 0 merges and the others wait
-  stage "$@" ${slice[@]+"${slice[@]}"}
-  ((nodes > 1)) || return 0
-  if [[ -n $lead ]]; then
+sliced() {  # sliced NAME OUTPUT COMMAND...: on several nodes, each does its slice, node 0 merges and the others wait
+  if ((nodes == 1)); then
+    stage "$@"
+  elif [[ -n $lead ]]; then
+    stage "$@" "${slice[@]}"
     stage "$@"
   else
-    echo "== $1: waiting for node 0 to merge the slices into $2"
-    # merged: the partial output is gone (with --overwrite, an earlier run's $2 stays until the merge replaces it)
-    until [[ -f $2/manifest.json && ! -e $2.partial ]]; do sleep 5; done
+    stage "$@" "${slice[@]}" --wait-for-merge
   fi
 }
 

@@ -35,6 +35,7 @@ class ShardActor:
         self.directory = Path(directory)
         self.context = open_worker()
         self.process = self.context.__enter__()
+        print(f"replica ready on {os.uname().nodename}", flush=True)  # in the command's log, as all an actor prints
 
     def ready(self) -> None:
         """Returns once the actor is built (the model loaded)."""
@@ -141,8 +142,9 @@ def _connect(address: str):
         raise SppoError("--ray-address needs Ray: pip install 'sppo-cli[ray]'") from None
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain text in the log file
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            ray.init(address=address, logging_level="ERROR")  # actors' output goes to the stage's log
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise SppoError(f"cannot connect to the Ray cluster at {address}: {first_line(error)}") from error
     return ray

@@ -150,6 +150,8 @@ class WorkOptions(Settings):
                                      "per node; the same command without them merges the slices.", identity=False,
                                      at_least=1)  # fmt: skip
     shard_index: int | None = setting(None, "Which slice, from 0 to --num-shards - 1.", identity=False, at_least=0)
+    wait_for_merge: bool = setting(False, "With --num-shards: once this slice is done, wait until another process (on "
+                                   "node 0) has merged the slices into --output.", identity=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,6 +159,8 @@ class WorkOptions(Settings):
             raise SettingError("shard_index", "and --num-shards go together")
         if self.num_shards is not None and self.shard_index >= self.num_shards:
             raise SettingError("shard_index", f"must be below --num-shards ({self.num_shards}), got {self.shard_index}")
+        if self.wait_for_merge and self.num_shards is None:
+            raise SettingError("wait_for_merge", "is for a slice: it needs --num-shards and --shard-index")
         if self.num_shards is not None and self.ray_address:
             raise SettingError("num_shards", "and --ray-address are two ways to spread the work: choose one")
 

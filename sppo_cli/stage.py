@@ -48,6 +48,7 @@ REPLACED_SUFFIX = ".replaced"
 REPLACED_MARK = ".replaced-by-sppo"  # in an output that a new one is replacing
 SHARDS = "shards"
 LAYOUT = "layout.json"
+MERGE_POLL_SECONDS = 2
 
 
 def partial_dir(output: Path) -> Path:
@@ -211,6 +212,17 @@ class StageRun:
                 held = _lock_file(path, wait=True)
             os.close(held)
 
+    def wait_for_merge(self) -> None:
+        """Wait until the run without --num-shards (on node 0) has merged the slices: `output` finished with this run's
+        identity, not an earlier output that it is replacing (--overwrite)."""
+        warn(f"waiting for the slices of {self.output} to be merged")
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                manifest = json.loads((self.output / MANIFEST).read_text())
+                if manifest.get("complete") and manifest.get("identity") == self.identity:
+                    return
+            time.sleep(MERGE_POLL_SECONDS)
+
     def _drop_empty_partial(self) -> None:
         """Remove the `<output>.partial` this process created to lock, if it holds nothing (but a log)."""
         with contextlib.suppress(FileNotFoundError):
@@ -365,6 +377,9 @@ def run_stage(run: StageRun, work: Callable[[Path], dict], verbose: bool = False
                 run.log_finish(manifest)
     finally:
         run.close()
+    if slice_done and run.settings.wait_for_merge:
+        run.wait_for_merge()
+        raise SliceDone(f"{slice_done}, and merged into {run.output}")
     if slice_done:
         raise slice_done
     return manifest, False
@@ -416,8 +431,9 @@ def run_shards(directory: Path, rows: int, open_worker: ShardWorker, progress: P
     progress.update(sum(shard.size for shard in shards) - sum(shard.size for shard in pending))
     _process(directory, pending, open_worker, progress, work, gpus_per_worker)
     if work.num_shards is not None:
-        raise SliceDone(f"slice {work.shard_index} of {work.num_shards} done ({len(pending)} shards); run the same "
-                        "command without --num-shards and --shard-index once every slice is done, to merge them")
+        merge = "" if work.wait_for_merge else ("; run the same command without --num-shards and --shard-index once "
+                                                "every slice is done, to merge them")  # fmt: skip
+        raise SliceDone(f"slice {work.shard_index} of {work.num_shards} done ({len(pending)} shards){merge}")
     for shard in pending:
         saved[shard] = _saved_shard(directory, shard)
         if saved[shard] is None:

@@ -48,15 +48,27 @@ def same_rows(output: Path, reference: Path) -> None:
 def test_slices_run_side_by_side_then_merge_into_the_one_process_output(tmp_path, tiny_model, prompts, one_process):
     output = tmp_path / "gens"
     command = [SPPO, "generate", "--model", str(tiny_model), "--prompts", str(prompts), "--output", str(output), *FLAGS]
-    slices = [subprocess.Popen([*command, "--num-shards", "2", "--shard-index", str(i)], stderr=subprocess.PIPE,
-                               text=True) for i in range(2)]  # fmt: skip
-    errors = [process.communicate(timeout=600)[1] for process in slices]
-    assert [process.returncode for process in slices] == [0, 0], errors
-    assert "slice 0 of 2 done (4 shards); run the same command without --num-shards" in errors[0]
-    assert all("| 12/12 [" in error for error in errors)  # each slice's bar counts its own 4 shards of 3 prompts
-    assert not output.exists() and len(list((tmp_path / "gens.partial" / "shards").glob("0*.json"))) == 8
-    merged = sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS)
-    assert f"✓ {output}: 24 prompts" in merged.stderr
+    logs = [tmp_path / f"slice{i}.err" for i in range(2)]
+    with open(logs[0], "w") as log0, open(logs[1], "w") as log1:  # slice 1 waits for the merge, as nodes > 0 do
+        slices = [subprocess.Popen([*command, "--num-shards", "2", "--shard-index", "0"], stderr=log0),
+                  subprocess.Popen([*command, "--num-shards", "2", "--shard-index", "1", "--wait-for-merge"],
+                                   stderr=log1)]  # fmt: skip
+    try:
+        assert slices[0].wait(timeout=600) == 0, logs[0].read_text()
+        deadline = time.time() + 600
+        while "waiting for the slices of" not in logs[1].read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        errors = [log.read_text() for log in logs]
+        assert "slice 0 of 2 done (4 shards); run the same command without --num-shards" in errors[0]
+        assert all("| 12/12 [" in error for error in errors)  # each slice's bar counts its own 4 shards of 3 prompts
+        assert not output.exists() and len(list((tmp_path / "gens.partial" / "shards").glob("0*.json"))) == 8
+        merged = sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS)
+        assert f"✓ {output}: 24 prompts" in merged.stderr
+        assert slices[1].wait(timeout=60) == 0 and f"slice 1 of 2 done (4 shards), and merged into {output}" in " ".join(
+            logs[1].read_text().split())  # fmt: skip
+    finally:
+        for process in slices:
+            process.kill()
     same_rows(output, one_process)
 
 
@@ -148,7 +160,10 @@ def test_a_ray_run_whose_worker_node_dies_still_gives_the_one_process_output(tmp
     err = process.communicate(timeout=600)[1]
     assert process.returncode == 0, err[-3000:]
     same_rows(tmp_path / "ranks", tmp_path / "reference")
-    assert "died" in (tmp_path / "ranks" / "sppo.log").read_text()  # ... and its shard was done again
+    log = (tmp_path / "ranks" / "sppo.log").read_text()
+    assert "died" in log  # ... and its shard was done again
+    assert "(ShardActor pid=" in log and "replica ready on" in log  # what the replicas print is in the log
+    assert "\x1b[" not in log  # without the terminal's colours
 
 
 def judging_on(raylet: int) -> bool:

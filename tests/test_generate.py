@@ -272,12 +272,12 @@ def test_manifest_records_every_setting_and_the_identity_leaves_out_how_it_ran(t
         "repetition_penalty": 1.0, "presence_penalty": 0.0, "seed": 7,
         "backend": "transformers", "dtype": "auto", "batch_size": 2, "max_model_len": None,
         "gpu_memory_utilization": 0.9, "tensor_parallel_size": 1, "shard_size": 2, "data_parallel_size": 1,
-        "ray_address": None, "num_shards": None, "shard_index": None,
+        "ray_address": None, "num_shards": None, "shard_index": None, "wait_for_merge": False,
     }  # fmt: skip
     identity = manifest["identity"]
     assert set(manifest["parameters"]) - set(identity["settings"]) == {
         "gpu_memory_utilization", "data_parallel_size", "batch_size", "shard_size", "ray_address", "num_shards",
-        "shard_index"}  # fmt: skip
+        "shard_index", "wait_for_merge"}  # fmt: skip
     assert identity["inputs"]["model"].startswith("sha256:") and identity["inputs"]["prompts"].startswith("sha256:")
     assert manifest["rows"] == 7 and manifest["generated_tokens"] > 0
     assert json.loads((tmp_path / "gens" / "manifest.json").read_text()) == manifest
@@ -297,6 +297,8 @@ def test_manifest_records_every_setting_and_the_identity_leaves_out_how_it_ran(t
         ({"max_model_len": 0}, "max_model_len must be at least 1, got 0"),
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be at most 1, got 1.5"),
         ({"backend": "transformers", "tensor_parallel_size": 2}, "tensor_parallel_size needs the vllm backend"),
+        ({"num_shards": 2}, "shard_index and --num-shards go together"),
+        ({"wait_for_merge": True}, "wait_for_merge is for a slice: it needs --num-shards and --shard-index"),
     ],
 )
 def test_settings_are_validated_in_the_library_s_own_terms(kwargs, message):

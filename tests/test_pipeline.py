@@ -172,23 +172,26 @@ def test_two_nodes_run_the_loop_with_slices_merged_by_node_0_and_training_togeth
                                     start_new_session=True)
 
     nodes = [node(1)]  # node 1 is done with its slice before node 0 starts
-    deadline = time.time() + 300
-    while "waiting for node 0 to merge" not in (tmp_path / "node1.out").read_text() and time.time() < deadline:
-        time.sleep(0.5)
-    nodes.insert(0, node(0))
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        codes = [process.poll() for process in nodes]
-        if None not in codes or any(codes):  # both done, or one failed (the other would wait for it at training)
-            break
-        time.sleep(1)
-    for process in nodes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the node's pipeline.sh and every stage it started
-            process.wait()
+    try:
+        deadline = time.time() + 300
+        while "waiting for the slices of" not in (tmp_path / "node1.out").read_text() and time.time() < deadline:
+            assert nodes[0].poll() is None, (tmp_path / "node1.out").read_text()[-3000:]
+            time.sleep(0.5)
+        nodes.insert(0, node(0))
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            codes = [process.poll() for process in nodes]
+            if None not in codes or any(codes):  # both done, or one failed (the other would wait for it at training)
+                break
+            time.sleep(1)
+    finally:
+        for process in nodes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # the node's pipeline.sh and every stage it started
+                process.wait()
     outputs = [(tmp_path / f"node{rank}.out").read_text() for rank in (0, 1)]
     assert [process.returncode for process in nodes] == [0, 0], [output[-3000:] for output in outputs]
-    assert "slice 1 of 2 done" in outputs[1] and "waiting for node 0 to merge" in outputs[1]
+    assert "slice 1 of 2 done" in outputs[1] and "merged into" in outputs[1]
     sppo = str(Path(sys.executable).parent / "sppo")
     subprocess.run([sppo, "generate", "--model", str(tiny_model), "--prompts", str(prompts_file), "--config",
                     str(recipe), "--output", str(tmp_path / "one")], check=True, capture_output=True)  # fmt: skip
