@@ -70,6 +70,7 @@ def run_on_ray(address: str, directory: Path, shards: list[Shard], open_worker: 
     finally:
         pool.stop()
         probe.unlink(missing_ok=True)
+        ray.shutdown()  # while the stage's log is open: nothing the actors print reaches the terminal afterwards
 
 
 class _Pool:
@@ -136,15 +137,16 @@ class _Pool:
 
 
 def _connect(address: str):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the actors' output, streamed into the stage's log: plain text,
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every line (read by `import ray`), no summary after the log closes
     try:
         import ray
     except ImportError:
         raise SppoError("--ray-address needs Ray: pip install 'sppo-cli[ray]'") from None
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain text in the log file
         try:
-            ray.init(address=address, logging_level="ERROR")  # actors' output goes to the stage's log
+            ray.init(address=address, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise SppoError(f"cannot connect to the Ray cluster at {address}: {first_line(error)}") from error
     return ray

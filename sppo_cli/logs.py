@@ -40,8 +40,9 @@ def terminal() -> TextIO:
 
 
 def warn(message: str) -> None:
-    """A warning the user should see: on the terminal, and in the log."""
-    logger.warning(message)
+    """A warning the user should see: on the terminal, and in the log (if a stage's log is open)."""
+    if logger.hasHandlers():  # else logging would print it a second time
+        logger.warning(message)
     print(f"sppo: warning: {message}", file=terminal(), flush=True)
 
 

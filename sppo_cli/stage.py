@@ -212,16 +212,37 @@ class StageRun:
                 held = _lock_file(path, wait=True)
             os.close(held)
 
+    def refuse_an_indistinguishable_merge(self) -> None:
+        """A slice that waits for the merge cannot tell it from an output with the same identity that --overwrite
+        replaces (or that the merge already made, were this slice late): it would go on with that one."""
+        if self.overwrite and self._output_identity() == self.identity:
+            raise SppoError(f"{self.output} is already finished with these settings and inputs, and a slice with "
+                            "--wait-for-merge could not tell it from the merge it waits for; remove it to redo it")
+
     def wait_for_merge(self) -> None:
         """Wait until the run without --num-shards (on node 0) has merged the slices: `output` finished with this run's
-        identity, not an earlier output that it is replacing (--overwrite)."""
+        identity (not an earlier output that it replaces). Refused when the partial output is gone, or taken over by a
+        run with other settings or inputs, and `output` is not this run's: the merge made something else."""
         warn(f"waiting for the slices of {self.output} to be merged")
         while True:
-            with contextlib.suppress(OSError, ValueError):
-                manifest = json.loads((self.output / MANIFEST).read_text())
-                if manifest.get("complete") and manifest.get("identity") == self.identity:
-                    return
+            made = self._output_identity()
+            if made == self.identity:
+                return
+            if made is not None and self._partial_identity() != self.identity:
+                raise SppoError(f"{self.output} was merged {self._how_made(made)}, not from this slice; run this "
+                                "slice again with the merge's settings and inputs")  # fmt: skip
             time.sleep(MERGE_POLL_SECONDS)
+
+    def _output_identity(self) -> dict | None:
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((self.output / MANIFEST).read_text())
+            return manifest.get("identity") if manifest.get("complete") else None
+        return None
+
+    def _partial_identity(self) -> dict | None:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((self.partial / RUN_FILE).read_text())
+        return None
 
     def _drop_empty_partial(self) -> None:
         """Remove the `<output>.partial` this process created to lock, if it holds nothing (but a log)."""
@@ -360,6 +381,8 @@ def run_stage(run: StageRun, work: Callable[[Path], dict], verbose: bool = False
     manifest = run.finished()
     if manifest is not None:
         return manifest, True
+    if getattr(run.settings, "wait_for_merge", False):
+        run.refuse_an_indistinguishable_merge()
     try:
         partial = run.open()
         if partial is None:  # another process finished it meanwhile

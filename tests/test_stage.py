@@ -232,3 +232,44 @@ def test_a_ranker_is_identified_by_its_kind_and_content_not_by_how_its_path_is_w
     assert fingerprint(str(tmp_path / "rm")) == fingerprint(str(tmp_path / "copy"))
     assert "probability_mode" not in first.identity() and "answer_column" not in first.identity()
     assert RankConfig(ranker="rule:math").identity()["answer_column"] == "answer"
+
+
+def test_a_slice_waits_for_the_merge_of_its_own_run_never_for_an_earlier_or_another_output(tmp_path, monkeypatch):
+    import threading
+
+    from sppo_cli.config import GenerateConfig
+
+    monkeypatch.setattr(stage, "MERGE_POLL_SECONDS", 0.05)
+    sliced = GenerateConfig(num_shards=2, shard_index=1, wait_for_merge=True)
+
+    def slice_set_up(out: Path, **kwargs) -> StageRun:  # as the slice leaves it, its shards done
+        run = StageRun("generate", out, sliced, {}, **kwargs)
+        run.open()
+        run.close()
+        return run
+
+    def merge(out: Path, config: GenerateConfig, **kwargs) -> None:
+        run_stage(StageRun("generate", out, config, {}, **kwargs), lambda p: build(p, [{"a": 1}]))
+
+    # an earlier output with other settings, which the merge replaces: waited through
+    merge(tmp_path / "a", GenerateConfig(seed=2))
+    waiting = slice_set_up(tmp_path / "a", overwrite=True)
+    waiter = threading.Thread(target=waiting.wait_for_merge)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()
+    merge(tmp_path / "a", GenerateConfig(), overwrite=True)
+    waiter.join(10)
+    assert not waiter.is_alive()
+
+    # the merge made something else (another commit of a hub model, other settings): said, not waited for forever
+    other = slice_set_up(tmp_path / "b")
+    merge(tmp_path / "b", GenerateConfig(seed=2), overwrite=True)
+    with pytest.raises(SppoError, match=r"b was merged with other settings or inputs: seed \(2 -> 42\), not from this"):
+        other.wait_for_merge()
+
+    # an output with the very same identity that --overwrite replaces cannot be told from the merge: refused
+    merge(tmp_path / "c", GenerateConfig())
+    with pytest.raises(SppoError, match="c is already finished with these settings and inputs, and a slice with "
+                                        "--wait-for-merge could not tell it from the merge it waits for"):  # fmt: skip
+        run_stage(StageRun("generate", tmp_path / "c", sliced, {}, overwrite=True), lambda p: pytest.fail("ran"))
