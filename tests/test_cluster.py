@@ -57,6 +57,7 @@ def test_slices_run_side_by_side_then_merge_into_the_one_process_output(tmp_path
         assert slices[0].wait(timeout=600) == 0, logs[0].read_text()
         deadline = time.time() + 600
         while "waiting for the slices of" not in logs[1].read_text() and time.time() < deadline:
+            assert slices[1].poll() is None, logs[1].read_text()[-3000:]
             time.sleep(0.2)
         errors = [log.read_text() for log in logs]
         assert "slice 0 of 2 done (4 shards); run the same command without --num-shards" in errors[0]
