@@ -175,7 +175,7 @@ def test_what_a_killed_command_started_outside_its_control_dies_with_it(tmp_path
               "time.sleep(600)\n")  # fmt: skip
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     engine = int(parent.stdout.readline())
-    time.sleep(1)  # the watcher has seen it
+    time.sleep(2)  # the watcher has looked since (it looks twice a second)
     parent.kill()
     parent.wait()
     deadline = time.time() + 10
