@@ -73,9 +73,9 @@ def test_two_evaluated_iterations_a_resume_and_other_settings(tmp_path, tiny_mod
     assert manifest(run / "iter2/model")["complete"] and (run / "iter2/eval-command/result.txt").exists()
 
     # other arguments are never mistaken for the finished stages
-    result = run_pipeline(*args, "--train-args", "--learning-rate 1e-2", env=plugins)
+    result = run_pipeline(*args, "--generate-args", "--temperature 0.5", env=plugins)
     assert result.returncode == 1
-    assert "made with other settings or inputs: learning_rate (0.001 -> 0.01)" in " ".join(result.stderr.split())
+    assert "made with other settings or inputs: temperature (0.7 -> 0.5)" in " ".join(result.stderr.split())
 
 
 def test_bad_arguments():
