@@ -59,7 +59,7 @@ def reap_descendants_on_death() -> None:
         known: set[tuple[int, str]] = set()
         while True:
             seen = _descendants(parent) - _descendants(os.getpid()) - {(os.getpid(), _started(os.getpid()))}
-            if os.getppid() != parent:  # died during the look: its children were already handed on and `seen` may miss them
+            if os.getppid() != parent:  # it died during the look, which may have missed its children (handed on)
                 break
             known = seen
             time.sleep(0.5)

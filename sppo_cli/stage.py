@@ -221,8 +221,8 @@ class StageRun:
 
     def wait_for_merge(self) -> None:
         """Wait until the run without --num-shards (on node 0) has merged the slices: `output` finished with this run's
-        identity (not an earlier output that it replaces). Refused when the partial output is gone, or taken over by a
-        run with other settings or inputs, and `output` is not this run's: the merge made something else."""
+        identity, not an earlier output that it replaces. An error when `output` was made by another run and the
+        partial output no longer holds this one: the merge made something else."""
         warn(f"waiting for the slices of {self.output} to be merged")
         while True:
             made = self._output_identity()
@@ -381,7 +381,8 @@ def run_stage(run: StageRun, work: Callable[[Path], dict], verbose: bool = False
     manifest = run.finished()
     if manifest is not None:
         return manifest, True
-    if getattr(run.settings, "wait_for_merge", False):
+    waits_for_merge = getattr(run.settings, "wait_for_merge", False)  # a slice's setting (WorkOptions)
+    if waits_for_merge:
         run.refuse_an_indistinguishable_merge()
     try:
         partial = run.open()
@@ -400,7 +401,7 @@ def run_stage(run: StageRun, work: Callable[[Path], dict], verbose: bool = False
                 run.log_finish(manifest)
     finally:
         run.close()
-    if slice_done and run.settings.wait_for_merge:
+    if slice_done and waits_for_merge:
         run.wait_for_merge()
         raise SliceDone(f"{slice_done}, and merged into {run.output}")
     if slice_done:

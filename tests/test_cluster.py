@@ -65,8 +65,8 @@ def test_slices_run_side_by_side_then_merge_into_the_one_process_output(tmp_path
         assert not output.exists() and len(list((tmp_path / "gens.partial" / "shards").glob("0*.json"))) == 8
         merged = sppo("generate", "--model", tiny_model, "--prompts", prompts, "--output", output, *FLAGS)
         assert f"✓ {output}: 24 prompts" in merged.stderr
-        assert slices[1].wait(timeout=60) == 0 and f"slice 1 of 2 done (4 shards), and merged into {output}" in " ".join(
-            logs[1].read_text().split())  # fmt: skip
+        assert slices[1].wait(timeout=60) == 0
+        assert f"slice 1 of 2 done (4 shards), and merged into {output}" in " ".join(logs[1].read_text().split())
     finally:
         for process in slices:
             process.kill()
