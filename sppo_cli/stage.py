@@ -124,10 +124,7 @@ class StageRun:
 
     def completed_any(self) -> bool:
         """Whether `<output>.partial` holds a run that finished (its manifest written), whatever its identity."""
-        try:
-            return bool(json.loads((self.partial / MANIFEST).read_text()).get("complete"))
-        except (OSError, ValueError):
-            return False
+        return _finished_manifest(self.partial) is not None
 
     def _how_made(self, other: dict | None) -> str:
         if not other:
@@ -234,10 +231,8 @@ class StageRun:
             time.sleep(MERGE_POLL_SECONDS)
 
     def _output_identity(self) -> dict | None:
-        with contextlib.suppress(OSError, ValueError):
-            manifest = json.loads((self.output / MANIFEST).read_text())
-            return manifest.get("identity") if manifest.get("complete") else None
-        return None
+        manifest = _finished_manifest(self.output)
+        return manifest.get("identity") if manifest else None
 
     def _partial_identity(self) -> dict | None:
         with contextlib.suppress(OSError, ValueError):
@@ -330,6 +325,16 @@ class StageRun:
     @staticmethod
     def log_finish(manifest: dict) -> None:
         logger.info("finished: %s", {k: v for k, v in manifest.items() if k not in ("parameters", "identity")})
+
+
+def _finished_manifest(directory: Path) -> dict | None:
+    """`directory`'s manifest if it says its run finished; None when it is missing or unreadable (another process may
+    be writing or replacing it)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("complete") else None
 
 
 def _lock_file(path: Path, wait: bool = False) -> int | None:
